@@ -1,0 +1,142 @@
+"""Attention backend for diffusion LMs: bidirectional varlen attention without a KV cache.
+
+Why it exists: vLLM's attention layers find their per-step metadata through the forward context
+and call `impl.forward(layer, q, k, v, kv_cache, metadata, output)`. The diffusion model runner
+builds `DiffusionAttentionMetadata` itself (no block tables: there is no cache), and this impl
+runs exact attention over each sequence of the flattened batch. The models pass this backend to
+their `DiffusionAttention` layers directly, so it is used on every platform (the CPU platform
+would otherwise always pick CPU_ATTN).
+vLLM internals used (0.32): AttentionBackend/AttentionImpl signatures, Attention.__init__'s use of
+`get_name()` as an AttentionBackendEnum member.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from vllm.model_executor.layers.attention import Attention
+from vllm.v1.attention.backend import AttentionBackend, AttentionImpl, AttentionType
+
+BACKEND_NAME = "CUSTOM"
+
+
+@dataclass
+class DiffusionAttentionMetadata:
+    """One step's batch: sequences laid end to end (prompt + canvas, plus CFG copies)."""
+
+    seq_lens: list[int]
+    cu_seqlens: torch.Tensor  # [B + 1] int32
+    max_seqlen: int
+
+    @classmethod
+    def from_seq_lens(cls, seq_lens: list[int], device: torch.device) -> DiffusionAttentionMetadata:
+        cu = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(seq_lens, dtype=torch.int32), 0)
+        return cls(seq_lens=seq_lens, cu_seqlens=cu.to(device), max_seqlen=max(seq_lens))
+
+
+def varlen_dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int], scale: float
+) -> torch.Tensor:
+    """Exact bidirectional attention per sequence. q: [N, Hq, D], k/v: [N, Hkv, D] -> [N, Hq, D]"""
+    out = torch.empty_like(q)
+    start = 0
+    for length in seq_lens:
+        end = start + length
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(
+            qs, ks, vs, scale=scale, enable_gqa=ks.shape[0] != qs.shape[0]
+        )
+        out[start:end] = o.transpose(0, 1)
+        start = end
+    return out
+
+
+class DiffusionAttentionImpl(AttentionImpl):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.ENCODER_ONLY,
+        kv_sharing_target_layer_name: str | None = None,
+    ) -> None:
+        if attn_type != AttentionType.ENCODER_ONLY:
+            raise ValueError(f"diffusion attention is bidirectional only, got {attn_type}")
+        if alibi_slopes is not None or sliding_window is not None or logits_soft_cap:
+            raise ValueError("alibi, sliding windows and soft-capping are not supported")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+
+    def forward(
+        self,
+        layer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: DiffusionAttentionMetadata,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if attn_metadata is None:
+            # Shape-only passes (profiling) carry no batch description.
+            output.zero_()
+            return output
+        output.copy_(
+            varlen_dense_attention(query, key, value, attn_metadata.seq_lens, self.scale)
+        )
+        return output
+
+
+class DiffusionAttentionBackend(AttentionBackend):
+    supported_dtypes = [torch.float16, torch.bfloat16, torch.float32]
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls():
+        return DiffusionAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        # The diffusion runner builds metadata directly; vLLM's builder path is never taken.
+        raise NotImplementedError("DiffusionAttentionBackend has no metadata builder")
+
+    @staticmethod
+    def get_kv_cache_shape(*args, **kwargs):
+        raise NotImplementedError("diffusion attention keeps no KV cache")
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.ENCODER_ONLY
+
+
+class DiffusionAttention(Attention):
+    """Bidirectional attention layer with no KV cache (so the engine allocates none)."""
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, **kwargs) -> None:
+        super().__init__(
+            num_heads=num_heads,
+            head_size=head_size,
+            scale=scale,
+            attn_backend=DiffusionAttentionBackend,
+            attn_type=AttentionType.ENCODER_ONLY,
+            **kwargs,
+        )
+
+    def get_kv_cache_spec(self, vllm_config):
+        return None

@@ -1,0 +1,141 @@
+"""Per-architecture config hook: makes `LLM(model=<LLaDA or Dream dir>)` need no extra flags.
+
+Why it exists: vLLM calls `MODELS_CONFIG_MAP[arch].verify_and_update_config` from
+`VllmConfig.__post_init__` before the platform fills `worker_cls` and before the async-scheduling
+default is chosen, which is the one place a plugin can switch the worker, the scheduler and the
+request validator for an architecture. Remove when vLLM has a public hook for that.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.config import ModelConfig, VllmConfig
+from vllm.logger import init_logger
+from vllm.model_executor.models.config import VerifyAndUpdateConfig
+from vllm.sampling_params import SamplingParams
+from vllm.v1.sample.logits_processor import LogitsProcessor
+
+from sparsed_vllm.core.params import DREAM, LLADA, diffusion_defaults, family_of, resolve_params
+
+logger = init_logger(__name__)
+
+_GLUE = "sparsed_vllm.vllm_glue"
+SCHEDULER_CLS = f"{_GLUE}.scheduler.DiffusionScheduler"
+CPU_WORKER_CLS = f"{_GLUE}.worker.DiffusionCPUWorker"
+GPU_WORKER_CLS = f"{_GLUE}.worker.DiffusionGPUWorker"
+
+
+def generation_defaults(model_config: ModelConfig) -> dict[str, Any]:
+    """Diffusion defaults (steps, block_length, alg, ...) from the checkpoint's generation config."""
+    return diffusion_defaults(model_config.try_get_generation_config())
+
+
+def unsupported_sampling_options(sp: SamplingParams) -> list[str]:
+    """SamplingParams that diffusion decoding does not implement, by name."""
+    checks = {
+        "presence_penalty": sp.presence_penalty != 0,
+        "frequency_penalty": sp.frequency_penalty != 0,
+        "repetition_penalty": sp.repetition_penalty != 1,
+        "min_p": sp.min_p > 0,
+        "min_tokens": sp.min_tokens > 0,
+        "logit_bias": bool(sp.logit_bias),
+        "logprobs": sp.logprobs is not None,
+        "prompt_logprobs": sp.prompt_logprobs is not None,
+        "bad_words": bool(sp.bad_words),
+        "allowed_token_ids": bool(sp.allowed_token_ids),
+        "structured_outputs": sp.structured_outputs is not None,
+    }
+    return [name for name, bad in checks.items() if bad]
+
+
+class _DiffusionRequestValidator(LogitsProcessor):
+    """Checks each request in the API front end, so bad input fails there with a clear message.
+
+    vLLM calls `validate_params` of the configured logits processors for every request before it
+    reaches the engine (HTTP 400 from the server). It is never instantiated: the diffusion model
+    runner samples by itself.
+    """
+
+    family = LLADA
+    defaults: dict[str, Any] = {}
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        unsupported = unsupported_sampling_options(sampling_params)
+        if unsupported:
+            raise ValueError(
+                f"sampling option(s) not supported by diffusion decoding: {', '.join(unsupported)}"
+            )
+        if sampling_params.max_tokens is None:
+            return
+        resolve_params(
+            cls.family,
+            sampling_params.extra_args,
+            max_tokens=sampling_params.max_tokens,
+            temperature=sampling_params.temperature,
+            top_p=sampling_params.top_p,
+            top_k=sampling_params.top_k,
+            defaults=cls.defaults,
+        )
+
+
+class LLaDARequestValidator(_DiffusionRequestValidator):
+    family = LLADA
+
+
+class DreamRequestValidator(_DiffusionRequestValidator):
+    family = DREAM
+
+
+_VALIDATORS = {LLADA: LLaDARequestValidator, DREAM: DreamRequestValidator}
+
+
+class DiffusionLMConfig(VerifyAndUpdateConfig):
+    """Switches a LLaDA/Dream engine to diffusion decoding."""
+
+    @staticmethod
+    def verify_and_update_model_config(model_config: ModelConfig) -> None:
+        # Bidirectional attention everywhere; read by code that asks the HF config.
+        model_config.hf_config.is_causal = False
+
+    @staticmethod
+    def verify_and_update_config(vllm_config: VllmConfig) -> None:
+        from vllm.platforms import current_platform
+
+        model_config = vllm_config.model_config
+        parallel = vllm_config.parallel_config
+        scheduler = vllm_config.scheduler_config
+        if parallel.pipeline_parallel_size > 1:
+            raise ValueError(
+                "pipeline parallelism is not supported for diffusion LMs "
+                f"(pipeline_parallel_size={parallel.pipeline_parallel_size}); use tensor "
+                "parallelism"
+            )
+        if parallel.worker_cls == "auto":
+            parallel.worker_cls = CPU_WORKER_CLS if current_platform.is_cpu() else GPU_WORKER_CLS
+        if scheduler.scheduler_cls is None:
+            scheduler.scheduler_cls = SCHEDULER_CLS
+        # One step must finish before the next is planned (the canvas changes every step).
+        scheduler.async_scheduling = False
+        scheduler.enable_chunked_prefill = False
+        vllm_config.cache_config.enable_prefix_caching = False
+        # Every step runs the whole sequence, twice under classifier-free guidance.
+        budget = max(scheduler.max_num_batched_tokens, 2 * model_config.max_model_len)
+        scheduler.max_num_batched_tokens = budget
+        if scheduler.max_num_scheduled_tokens is not None:
+            scheduler.max_num_scheduled_tokens = max(scheduler.max_num_scheduled_tokens, budget)
+
+        family = family_of(model_config.architecture)
+        validator = _VALIDATORS[family]
+        validator.defaults = generation_defaults(model_config)
+        processors = list(model_config.logits_processors or [])
+        if validator not in processors:
+            processors.append(validator)
+        model_config.logits_processors = processors
+        logger.info(
+            "sparsed-vllm: diffusion decoding for %s (worker %s, scheduler %s)",
+            model_config.architecture,
+            parallel.worker_cls,
+            scheduler.scheduler_cls,
+        )
