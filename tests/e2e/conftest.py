@@ -1,0 +1,54 @@
+"""Real vLLM engines (CPU build) on the tiny checkpoints, one per model for the whole session.
+
+Each engine start costs 20-30 s and about 3 GB, so tests share them.
+"""
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Lets tests run a function on the worker's model through collective_rpc (test-only).
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+
+vllm = pytest.importorskip("vllm")
+
+MAX_MODEL_LEN = 256
+
+
+def make_llm(model_dir, **kwargs):
+    return vllm.LLM(
+        model=str(model_dir),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=MAX_MODEL_LEN,
+        max_num_seqs=16,
+        seed=0,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="session")
+def llada_llm(llada_tiny_dir):
+    llm = make_llm(llada_tiny_dir)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="session")
+def dream_llm(dream_tiny_dir):
+    llm = make_llm(dream_tiny_dir)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="session")
+def llada_mask(llada_tiny_dir) -> int:
+    return json.loads((llada_tiny_dir / "config.json").read_text())["mask_token_id"]
+
+
+@pytest.fixture(scope="session")
+def dream_mask(dream_tiny_dir) -> int:
+    return json.loads((dream_tiny_dir / "config.json").read_text())["mask_token_id"]
