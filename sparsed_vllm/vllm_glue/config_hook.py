@@ -119,7 +119,12 @@ class DiffusionLMConfig(VerifyAndUpdateConfig):
         # One step must finish before the next is planned (the canvas changes every step).
         scheduler.async_scheduling = False
         scheduler.enable_chunked_prefill = False
-        vllm_config.cache_config.enable_prefix_caching = False
+        cache = vllm_config.cache_config
+        cache.enable_prefix_caching = False
+        if current_platform.is_cpu() and cache.kv_cache_memory_bytes is None:
+            # No KV cache is allocated; without an explicit size the CPU worker refuses to start
+            # unless 92% of the node's memory is free.
+            cache.kv_cache_memory_bytes = 0
         # Every step runs the whole sequence, twice under classifier-free guidance.
         budget = max(scheduler.max_num_batched_tokens, 2 * model_config.max_model_len)
         scheduler.max_num_batched_tokens = budget
