@@ -1,0 +1,177 @@
+"""Step-level benchmark: one LLaDA-8B-shaped layer (projections, RoPE, attention, SwiGLU MLP), and
+the end-to-end projection over a request with `T` denoising steps and `skip`.
+
+A plain PyTorch layer (random bf16 weights, d_model 4096, 32 heads x 128, MLP 12288) runs with:
+- `published`: SDPA FlashAttention-2, as the published SparseD code's dense path;
+- `dense`: our `dense_attention` (fastest backend on the card);
+- `select`: dense attention with LSE + `fused_select_pattern` reusing it (the switch step);
+- `sparse`: `sparse_attention` over a pattern with `select` of the tiles.
+Logits: the published path projects all L positions onto the 126,464-token vocabulary every step;
+ours only the current block's `block_length` positions (only those can be committed).
+
+    python benchmarks/bench_step.py --lens 16384,32768,65536 --out step_results.json
+"""
+
+import argparse
+import datetime
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+from sparsed_vllm.kernels import dense_attention, fused_select_pattern, sparse_attention
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+D_MODEL, HEADS, HEAD_DIM, MLP, VOCAB, LAYERS = 4096, 32, 128, 12288, 126464, 32
+
+
+def bench_ms(fn, rep_ms: int = 500) -> float:
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=100, rep=rep_ms, return_mode="median")
+
+
+class Layer:
+    """LLaDA-8B block: RMSNorm, fused QKV, RoPE, attention, out proj, RMSNorm, SwiGLU MLP."""
+
+    def __init__(self, seq_len, device="cuda", dtype=torch.bfloat16):
+        def w(rows, cols):
+            return torch.randn(rows, cols, device=device, dtype=dtype) / math.sqrt(cols)
+
+        self.w_qkv, self.w_o = w(3 * D_MODEL, D_MODEL), w(D_MODEL, D_MODEL)
+        self.w_gate_up, self.w_down = w(2 * MLP, D_MODEL), w(D_MODEL, MLP)
+        inv_freq = 1.0 / 500000.0 ** (torch.arange(0, HEAD_DIM, 2, device=device) / HEAD_DIM)
+        angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
+        self.cos = torch.cat([angles.cos()] * 2, -1)[:, None].to(dtype)  # [L, 1, D]
+        self.sin = torch.cat([angles.sin()] * 2, -1)[:, None].to(dtype)
+
+    def rope(self, x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * self.cos + torch.cat([-x2, x1], -1) * self.sin
+
+    def forward(self, x, attend):
+        h = F.rms_norm(x, (D_MODEL,))
+        q, k, v = (h @ self.w_qkv.T).view(-1, 3 * HEADS, HEAD_DIM).split(HEADS, dim=1)
+        attn = attend(self.rope(q), self.rope(k), v)
+        x = x + attn.reshape(-1, D_MODEL) @ self.w_o.T
+        gate, up = (F.rms_norm(x, (D_MODEL,)) @ self.w_gate_up.T).chunk(2, dim=-1)
+        return x + (F.silu(gate) * up) @ self.w_down.T
+
+
+def sdpa_fa2(q, k, v, scale):
+    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q4, k4, v4, scale=scale)[0].transpose(0, 1)
+
+
+def step_times(seq_len, select, gen_length, sparse_cfg=None, mass_cfg=None):
+    layer = Layer(seq_len)
+    x = torch.randn(seq_len, D_MODEL, device="cuda", dtype=torch.bfloat16)
+    cu = torch.tensor([0, seq_len], dtype=torch.int32, device="cuda")
+    scale = 1.0 / math.sqrt(HEAD_DIM)
+    q = layer.rope(
+        (F.rms_norm(x, (D_MODEL,)) @ layer.w_qkv.T).view(-1, 3 * HEADS, HEAD_DIM)[:, :HEADS]
+    )
+    pattern = fused_select_pattern(q, q, cu, [gen_length], 128, select, scale, config=mass_cfg)
+
+    def select_attend(q, k, v):
+        out, lse = dense_attention(q, k, v, cu, seq_len, scale, return_lse=True)
+        fused_select_pattern(q, k, cu, [gen_length], 128, select, scale, lse, mass_cfg)
+        return out
+
+    attends = {
+        "published": lambda q, k, v: sdpa_fa2(q, k, v, scale),
+        "dense": lambda q, k, v: dense_attention(q, k, v, cu, seq_len, scale),
+        "select": select_attend,
+        "sparse": lambda q, k, v: sparse_attention(q, k, v, cu, pattern, scale, config=sparse_cfg),
+        "no_attention": lambda q, k, v: q,
+    }
+    res = {name: bench_ms(lambda a=a: layer.forward(x, a)) for name, a in attends.items()}
+    res["kept_fraction"] = sum(p.kept_fraction() for p in pattern.unpack())
+    res.update(logits_times(x))
+    return res
+
+
+def logits_times(x):
+    lm_head = torch.randn(VOCAB, D_MODEL, device="cuda", dtype=torch.bfloat16) / 64
+    return {
+        "logits_all": bench_ms(lambda: x @ lm_head.T),
+        "logits_block32": bench_ms(lambda: x[-32:] @ lm_head.T),
+    }
+
+
+def project(times, steps, skip):
+    """Seconds per request (LAYERS layers): published dense path vs ours dense vs ours SparseD."""
+    switch = int(steps * skip) + 1
+    n_dense, n_select = min(switch, steps), int(switch < steps)
+    n_sparse = steps - n_dense - n_select
+    lb = times["logits_block32"]
+    published = steps * (LAYERS * times["published"] + times["logits_all"])
+    dense = steps * (LAYERS * times["dense"] + lb)
+    sparsed = (
+        n_dense * (LAYERS * times["dense"] + lb)
+        + n_select * (LAYERS * times["select"] + lb)
+        + n_sparse * (LAYERS * times["sparse"] + lb)
+    )
+    return {
+        "published_dense_s": published / 1e3,
+        "ours_dense_s": dense / 1e3,
+        "ours_sparsed_s": sparsed / 1e3,
+        "speedup_vs_published": published / sparsed,
+        "speedup_vs_ours_dense": dense / sparsed,
+    }
+
+
+def best_configs(path, select):
+    """Best sparse-kernel and tile-mass configs at the longest length of a bench_attention run."""
+    if not path:
+        return None, None
+    with open(path) as f:
+        longest = max(json.load(f)["lens"].items(), key=lambda kv: int(kv[0]))[1]
+    sparse = longest["sparse"].get(str(select), {})
+    selection = longest["selection"]
+    return (
+        sparse.get("ours_best_config") if isinstance(sparse, dict) else None,
+        selection.get("best_mass_config") if isinstance(selection, dict) else None,
+    )
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lens", default="16384,32768,65536")
+    ap.add_argument("--select", type=float, default=0.3)
+    ap.add_argument("--gen-length", type=int, default=512)
+    ap.add_argument("--skip", type=float, default=0.2)
+    ap.add_argument("--out", default="step_results.json")
+    ap.add_argument("--attention-json", help="take the best launch configs of bench_attention")
+    args = ap.parse_args()
+    sparse_cfg, mass_cfg = best_configs(args.attention_json, args.select)
+    torch.manual_seed(0)
+    results = {
+        "configs": {"sparse": sparse_cfg, "mass": mass_cfg},
+        "device": torch.cuda.get_device_name(),
+        "args": vars(args),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "lens": {},
+    }
+    for seq_len in map(int, args.lens.split(",")):
+        times = step_times(seq_len, args.select, args.gen_length, sparse_cfg, mass_cfg)
+        proj = {steps: project(times, steps, args.skip) for steps in (128, 1024)}
+        results["lens"][seq_len] = {"ms_per_layer": times, "projection": proj}
+        print(json.dumps({seq_len: results["lens"][seq_len]}, indent=1), flush=True)
+        torch.cuda.empty_cache()
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print("\nL | published | dense | select | sparse | no-attn | logits all | T=128 x | T=1024 x")
+    for seq_len, row in results["lens"].items():
+        t, p = row["ms_per_layer"], row["projection"]
+        print(
+            f"{seq_len} | {t['published']:.1f} | {t['dense']:.1f} | {t['select']:.1f} | "
+            f"{t['sparse']:.1f} | {t['no_attention']:.1f} | {t['logits_all']:.1f} | "
+            f"{p[128]['speedup_vs_published']:.2f} | {p[1024]['speedup_vs_published']:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

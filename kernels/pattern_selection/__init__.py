@@ -1,0 +1,1 @@
+"""SparseD pattern selection for a varlen batch (`naive.py` reference, `fused.py` Triton)."""
