@@ -29,11 +29,16 @@ def main() -> None:
 
     llm = LLM(model=str(out), max_model_len=1024, enforce_eager=True)
     if args.arch == "llada":
-        extras = [{"steps": 32, "block_length": 8}, {"steps": 16, "block_length": 16, "cfg_scale": 1.0}]
+        extras = [
+            {"steps": 32, "block_length": 8},
+            {"steps": 16, "block_length": 16, "cfg_scale": 1.0},
+        ]
     else:
         extras = [{"steps": 32, "alg": "entropy"}, {"steps": 16, "alg": "maskgit_plus"}]
-    params = [SamplingParams(max_tokens=32 if i == 0 else 16, temperature=0, extra_args=e)
-              for i, e in enumerate(extras)]
+    params = [
+        SamplingParams(max_tokens=32 if i == 0 else 16, temperature=0, extra_args=e)
+        for i, e in enumerate(extras)
+    ]
     conversations = [
         [{"role": "user", "content": "Write a haiku about diffusion."}],
         [{"role": "user", "content": "What is 12 times 7?"}],
@@ -41,10 +46,11 @@ def main() -> None:
     start = time.perf_counter()
     outputs = llm.chat(conversations, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    for conversation, extra, output in zip(conversations, extras, outputs):
+    for conversation, extra, output in zip(conversations, extras, outputs, strict=True):
         completion = output.outputs[0]
         print(f"\nuser: {conversation[0]['content']}\nparams: {extra}")
-        print(f"tokens ({len(completion.token_ids)}, {completion.finish_reason}): {completion.token_ids}")
+        print(f"tokens ({len(completion.token_ids)}, {completion.finish_reason}):")
+        print(f"  {completion.token_ids}")
         print(f"text: {completion.text!r}")
     print(f"\n{len(outputs)} requests in {elapsed:.2f} s")
 

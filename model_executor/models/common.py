@@ -49,7 +49,11 @@ class DiffusionSelfAttention(nn.Module):
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
         self.qkv_proj = QKVParallelLinear(
-            hidden_size, head_dim, num_heads, num_kv_heads, bias=qkv_bias,
+            hidden_size,
+            head_dim,
+            num_heads,
+            num_kv_heads,
+            bias=qkv_bias,
             prefix=f"{prefix}.qkv_proj",
         )
         self.o_proj = RowParallelLinear(
@@ -62,7 +66,10 @@ class DiffusionSelfAttention(nn.Module):
             rope_parameters={"rope_theta": rope_theta, "rope_type": "default"},
         )
         self.attn = DiffusionAttention(
-            self.num_heads, head_dim, head_dim**-0.5, num_kv_heads=self.num_kv_heads,
+            self.num_heads,
+            head_dim,
+            head_dim**-0.5,
+            num_kv_heads=self.num_kv_heads,
             prefix=f"{prefix}.attn",
         )
 
@@ -94,8 +101,16 @@ class DiffusionMLP(nn.Module):
 
 
 class DiffusionDecoderLayer(nn.Module):
-    def __init__(self, *, hidden_size: int, intermediate_size: int, eps: float, mlp_bias: bool,
-                 prefix: str, **attn_kwargs) -> None:
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        intermediate_size: int,
+        eps: float,
+        mlp_bias: bool,
+        prefix: str,
+        **attn_kwargs,
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(hidden_size, eps=eps)
         self.self_attn = DiffusionSelfAttention(
@@ -122,7 +137,9 @@ class DiffusionBackbone(nn.Module):
 
     def __init__(self, config, prefix: str, qkv_bias: bool = True) -> None:
         super().__init__()
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = (
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             DiffusionDecoderLayer(

@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from sparsed_vllm.model_executor.models.common import DiffusionBackbone, load_renamed_weights
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
-
-from sparsed_vllm.model_executor.models.common import DiffusionBackbone, load_renamed_weights
 
 
 class DreamModel(nn.Module):
@@ -41,7 +40,8 @@ class DreamModel(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         tied = getattr(self.config, "tie_word_embeddings", False)
         weights = (
-            (name, tensor) for name, tensor in weights
+            (name, tensor)
+            for name, tensor in weights
             if not (tied and name == "lm_head.weight") and "rotary_emb.inv_freq" not in name
         )
         return load_renamed_weights(self, weights)

@@ -11,12 +11,11 @@ import re
 from collections.abc import Iterable
 
 import torch
+from sparsed_vllm.model_executor.models.common import DiffusionBackbone, load_renamed_weights
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
-
-from sparsed_vllm.model_executor.models.common import DiffusionBackbone, load_renamed_weights
 
 # LLaDA checkpoint name -> the shared (Qwen2-style) layout. ff_proj is the SiLU-gated branch.
 _BLOCK_RENAMES = {

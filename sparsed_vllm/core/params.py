@@ -97,9 +97,7 @@ def _check_keys(family: str, extra: dict[str, Any]) -> None:
             continue
         if key in DIFFUSION_KEYS:
             raise ValueError(f"extra_args {key!r} does not apply to {family} models")
-        raise ValueError(
-            f"unknown extra_args key {key!r}; supported: {', '.join(sorted(allowed))}"
-        )
+        raise ValueError(f"unknown extra_args key {key!r}; supported: {', '.join(sorted(allowed))}")
 
 
 def resolve_params(
@@ -153,8 +151,7 @@ def _resolve_llada(values: dict[str, Any], common: dict[str, Any]) -> DiffusionP
         raise ValueError(f"block_length must be >= 1, got {block_length}")
     if gen_length % block_length:
         raise ValueError(
-            f"max_tokens (gen length) {gen_length} is not divisible by block_length "
-            f"{block_length}"
+            f"max_tokens (gen length) {gen_length} is not divisible by block_length {block_length}"
         )
     num_blocks = gen_length // block_length
     if steps % num_blocks:

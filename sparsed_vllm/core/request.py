@@ -127,7 +127,9 @@ class DiffusionRequest:
             transfer = torch.rand(positions.numel(), generator=self.generator) < p_transfer
             if transfer.any():
                 _, x0 = dream_sample(
-                    logits[transfer.to(logits.device)], alg="origin", generator=self.generator,
+                    logits[transfer.to(logits.device)],
+                    alg="origin",
+                    generator=self.generator,
                     **sample,
                 )
                 self.canvas[positions[transfer]] = x0.cpu()

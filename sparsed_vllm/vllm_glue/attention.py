@@ -94,9 +94,7 @@ class DiffusionAttentionImpl(AttentionImpl):
             # Shape-only passes (profiling) carry no batch description.
             output.zero_()
             return output
-        output.copy_(
-            varlen_dense_attention(query, key, value, attn_metadata.seq_lens, self.scale)
-        )
+        output.copy_(varlen_dense_attention(query, key, value, attn_metadata.seq_lens, self.scale))
         return output
 
 

@@ -27,7 +27,7 @@ GPU_WORKER_CLS = f"{_GLUE}.worker.DiffusionGPUWorker"
 
 
 def generation_defaults(model_config: ModelConfig) -> dict[str, Any]:
-    """Diffusion defaults (steps, block_length, alg, ...) from the checkpoint's generation config."""
+    """Diffusion defaults (steps, block_length, alg, ...) from the generation config."""
     return diffusion_defaults(model_config.try_get_generation_config())
 
 

@@ -14,6 +14,7 @@ vLLM internals used (0.32): SchedulerOutput/NewRequestData fields, `set_forward_
 from __future__ import annotations
 
 import time
+
 import torch
 from vllm.config import VllmConfig
 from vllm.forward_context import set_forward_context
@@ -115,9 +116,7 @@ class DiffusionModelRunner:
         steps = scheduler_output.diffusion_steps
         for new in scheduler_output.scheduled_new_reqs:
             params = DiffusionParams(**steps[new.req_id].params)
-            self.requests[new.req_id] = DiffusionRequest(
-                new.prompt_token_ids, params, self.mask_id
-            )
+            self.requests[new.req_id] = DiffusionRequest(new.prompt_token_ids, params, self.mask_id)
         for req_id in scheduler_output.num_scheduled_tokens:
             expected, actual = steps[req_id].step, self.requests[req_id].step
             if expected != actual:
@@ -156,7 +155,7 @@ class DiffusionModelRunner:
         hidden = self._forward(sequences)
         logits = self.model.compute_logits(hidden[torch.cat(rows).to(self.device)])
         sampled = self._advance(requests, counts, logits.float())
-        for req_id, request in zip(req_ids, requests):
+        for req_id, request in zip(req_ids, requests, strict=True):
             if request.finished:
                 self.requests.pop(req_id, None)
         return ModelRunnerOutput(
@@ -171,7 +170,7 @@ class DiffusionModelRunner:
     ) -> list[list[int]]:
         """Split the logits rows per request and apply each request's commit rule."""
         sampled, start = [], 0
-        for request, n in zip(requests, counts):
+        for request, n in zip(requests, counts, strict=True):
             count = request.params.num_sequences * n
             per_seq = logits[start : start + count].view(request.params.num_sequences, n, -1)
             sampled.append(request.advance(per_seq))

@@ -79,7 +79,9 @@ class DiffusionScheduler(Scheduler):
     def add_request(self, request: Request) -> None:
         super().add_request(request)
         try:
-            params = request_params(request, self.family, self.defaults, self._seeds.getrandbits(63))
+            params = request_params(
+                request, self.family, self.defaults, self._seeds.getrandbits(63)
+            )
             self._check_fits(request, params)
         except ValueError as exc:
             # Normally caught in the front end already; an engine-side failure must not crash it.
@@ -183,7 +185,9 @@ class DiffusionScheduler(Scheduler):
             self.diffusion_step[req_id] += 1
         self.finished_req_ids = set()
 
-    def update_from_output(self, scheduler_output, model_runner_output) -> dict[int, EngineCoreOutputs]:
+    def update_from_output(
+        self, scheduler_output, model_runner_output
+    ) -> dict[int, EngineCoreOutputs]:
         rejected = self._finish_rejected()
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         for request in rejected:

@@ -14,6 +14,7 @@ def monkeypatch_module():
     with pytest.MonkeyPatch.context() as mp:
         yield mp
 
+
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [100, 200, 300], list(range(20, 61))]
 GEN = 16
 
@@ -55,7 +56,7 @@ def stop_ids(llm) -> set[int]:
 def test_llada_greedy_equals_reference(llada_llm, llada_tiny, llada_mask, case):
     params = SamplingParams(max_tokens=GEN, temperature=0, extra_args=case)
     got = generate_ids(llada_llm, PROMPTS, params)
-    for prompt, tokens in zip(PROMPTS, got):
+    for prompt, tokens in zip(PROMPTS, got, strict=True):
         ref = llada_generate(
             llada_tiny, torch.tensor([prompt]), gen_length=GEN, mask_id=llada_mask, **case
         )[0, len(prompt) :].tolist()
@@ -66,7 +67,7 @@ def test_llada_greedy_equals_reference(llada_llm, llada_tiny, llada_mask, case):
 def test_dream_greedy_equals_reference(dream_llm, dream_tiny, dream_mask, alg):
     params = SamplingParams(max_tokens=GEN, temperature=0, extra_args={"alg": alg, "steps": 12})
     got = generate_ids(dream_llm, PROMPTS, params)
-    for prompt, tokens in zip(PROMPTS, got):
+    for prompt, tokens in zip(PROMPTS, got, strict=True):
         ref = dream_generate(
             dream_tiny,
             torch.tensor([prompt]),
@@ -90,9 +91,9 @@ def test_mixed_batch_equals_requests_alone(llada_llm):
     ]
     outs = llada_llm.generate(token_prompts(prompts), params, use_tqdm=False)
     together = [list(o.outputs[0].token_ids) for o in outs]
-    alone = [generate_ids(llada_llm, [p], sp)[0] for p, sp in zip(prompts, params)]
+    alone = [generate_ids(llada_llm, [p], sp)[0] for p, sp in zip(prompts, params, strict=True)]
     assert together == alone
-    assert all(0 < len(t) <= n for t, n in zip(together, [16, 8, 24, 16]))
+    assert all(0 < len(t) <= n for t, n in zip(together, [16, 8, 24, 16], strict=True))
 
 
 def test_seeded_sampling_is_reproducible(llada_llm, dream_llm):
@@ -194,7 +195,9 @@ def stepped_engine(llada_tiny_dir, monkeypatch_module):
 
     monkeypatch_module.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     engine = LLMEngine.from_engine_args(
-        EngineArgs(model=str(llada_tiny_dir), dtype="float32", enforce_eager=True, max_model_len=256)
+        EngineArgs(
+            model=str(llada_tiny_dir), dtype="float32", enforce_eager=True, max_model_len=256
+        )
     )
     yield engine
     engine.engine_core.shutdown()
@@ -206,7 +209,8 @@ def test_each_step_is_one_denoising_step_and_blocks_stream(stepped_engine):
     stream = SamplingParams(max_tokens=16, extra_args={"steps": 8, "block_length": 4}, **delta)
     engine.add_request("stream", {"prompt_token_ids": PROMPTS[0]}, stream)
     engine.add_request(
-        "aborted", {"prompt_token_ids": PROMPTS[1]},
+        "aborted",
+        {"prompt_token_ids": PROMPTS[1]},
         SamplingParams(max_tokens=32, extra_args={"steps": 32}, **delta),
     )
     chunks, step = [], 0
