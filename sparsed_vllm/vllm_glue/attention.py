@@ -12,14 +12,29 @@ vLLM internals used (0.32): AttentionBackend/AttentionImpl signatures, Attention
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionBackend, AttentionImpl, AttentionType
 
+from sparsed_vllm.core import pattern as ref
+from sparsed_vllm.core.sparsed import DENSE, SELECT, SPARSE, PatternStore
+
 BACKEND_NAME = "CUSTOM"
+
+
+@dataclass
+class SequenceSparsity:
+    """SparseD state of one sequence of the batch for this step."""
+
+    stage: str  # dense | select | sparse
+    key: tuple[int, int]  # (pattern slot, sequence index within the request)
+    gen_length: int
+    block_size: int
+    select: float
 
 
 @dataclass
@@ -29,12 +44,32 @@ class DiffusionAttentionMetadata:
     seq_lens: list[int]
     cu_seqlens: torch.Tensor  # [B + 1] int32
     max_seqlen: int
+    # Per sequence; None when every sequence is dense this step.
+    sparsity: list[SequenceSparsity] | None = None
+    patterns: PatternStore = field(default_factory=PatternStore)
+    selection_scale: float | None = None
 
     @classmethod
-    def from_seq_lens(cls, seq_lens: list[int], device: torch.device) -> DiffusionAttentionMetadata:
+    def build(
+        cls,
+        seq_lens: list[int],
+        device: torch.device,
+        sparsity: list[SequenceSparsity] | None = None,
+        patterns: PatternStore | None = None,
+        selection_scale: float | None = None,
+    ) -> DiffusionAttentionMetadata:
         cu = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(torch.tensor(seq_lens, dtype=torch.int32), 0)
-        return cls(seq_lens=seq_lens, cu_seqlens=cu.to(device), max_seqlen=max(seq_lens))
+        if sparsity is not None and all(s.stage == DENSE for s in sparsity):
+            sparsity = None
+        return cls(
+            seq_lens=seq_lens,
+            cu_seqlens=cu.to(device),
+            max_seqlen=max(seq_lens),
+            sparsity=sparsity,
+            patterns=patterns if patterns is not None else PatternStore(),
+            selection_scale=selection_scale,
+        )
 
 
 def varlen_dense_attention(
@@ -94,8 +129,51 @@ class DiffusionAttentionImpl(AttentionImpl):
             # Shape-only passes (profiling) carry no batch description.
             output.zero_()
             return output
-        output.copy_(varlen_dense_attention(query, key, value, attn_metadata.seq_lens, self.scale))
+        if attn_metadata.sparsity is None:
+            output.copy_(self._dense(query, key, value, attn_metadata))
+            return output
+        start = 0
+        for seq_len, seq in zip(attn_metadata.seq_lens, attn_metadata.sparsity, strict=True):
+            end = start + seq_len
+            q, k, v = query[start:end], key[start:end], value[start:end]
+            output[start:end] = self._staged(layer.layer_index, q, k, v, seq, attn_metadata)
+            start = end
         return output
+
+    def _dense(self, q, k, v, metadata: DiffusionAttentionMetadata) -> torch.Tensor:
+        if q.is_cuda:
+            from sparsed_vllm.kernels import dense_attention
+
+            return dense_attention(q, k, v, metadata.cu_seqlens, metadata.max_seqlen, self.scale)
+        return varlen_dense_attention(q, k, v, metadata.seq_lens, self.scale)
+
+    def _staged(self, layer_index, q, k, v, seq: SequenceSparsity, metadata) -> torch.Tensor:
+        """One sequence at its SparseD stage. q: [L, Hq, D], k/v: [L, Hkv, D] -> [L, Hq, D]"""
+        one = DiffusionAttentionMetadata.build([q.shape[0]], q.device)
+        if seq.stage == SPARSE:
+            pattern = metadata.patterns.get(seq.key, layer_index)
+            return self._sparse(q, k, v, one, pattern)
+        out = self._dense(q, k, v, one)
+        if seq.stage == SELECT:
+            pattern = self._select(q, k, one, seq, metadata.selection_scale)
+            metadata.patterns.put(seq.key, layer_index, pattern)
+        return out
+
+    def _select(self, q, k, one, seq: SequenceSparsity, scale: float | None):
+        if q.is_cuda:
+            from sparsed_vllm.kernels import fused_select_pattern
+
+            return fused_select_pattern(
+                q, k, one.cu_seqlens, [seq.gen_length], seq.block_size, seq.select, scale
+            )
+        return ref.select_pattern(q, k, seq.gen_length, seq.block_size, seq.select, scale)
+
+    def _sparse(self, q, k, v, one, pattern) -> torch.Tensor:
+        if q.is_cuda:
+            from sparsed_vllm.kernels import sparse_attention
+
+            return sparse_attention(q, k, v, one.cu_seqlens, pattern, self.scale)
+        return ref.block_sparse_attention_ref(q, k, v, pattern, self.scale)
 
 
 class DiffusionAttentionBackend(AttentionBackend):
@@ -135,6 +213,8 @@ class DiffusionAttention(Attention):
             attn_type=AttentionType.ENCODER_ONLY,
             **kwargs,
         )
+        # Patterns are stored per layer: the index comes from the layer's name.
+        self.layer_index = extract_layer_index(kwargs["prefix"])
 
     def get_kv_cache_spec(self, vllm_config):
         return None

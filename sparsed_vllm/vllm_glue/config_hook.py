@@ -17,8 +17,9 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from sparsed_vllm.core.params import DREAM, LLADA, diffusion_defaults, family_of, resolve_params
+from sparsed_vllm.core.sparsed import SparsedConfig, resolve_sparsed
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under "vllm" so it shares its handlers
 
 _GLUE = "sparsed_vllm.vllm_glue"
 SCHEDULER_CLS = f"{_GLUE}.scheduler.DiffusionScheduler"
@@ -59,6 +60,7 @@ class _DiffusionRequestValidator(LogitsProcessor):
 
     family = LLADA
     defaults: dict[str, Any] = {}
+    sparsed_config = SparsedConfig()
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -67,6 +69,7 @@ class _DiffusionRequestValidator(LogitsProcessor):
             raise ValueError(
                 f"sampling option(s) not supported by diffusion decoding: {', '.join(unsupported)}"
             )
+        resolve_sparsed(cls.sparsed_config, sampling_params.extra_args, seq_len=None)
         if sampling_params.max_tokens is None:
             return
         resolve_params(
@@ -134,6 +137,10 @@ class DiffusionLMConfig(VerifyAndUpdateConfig):
         family = family_of(model_config.architecture)
         validator = _VALIDATORS[family]
         validator.defaults = generation_defaults(model_config)
+        # Bad --additional-config fails here, at start-up, with the setting's name.
+        validator.sparsed_config = SparsedConfig.from_additional_config(
+            vllm_config.additional_config
+        )
         processors = list(model_config.logits_processors or [])
         if validator not in processors:
             processors.append(validator)

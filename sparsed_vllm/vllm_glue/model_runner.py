@@ -14,6 +14,7 @@ vLLM internals used (0.32): SchedulerOutput/NewRequestData fields, `set_forward_
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import torch
 from vllm.config import VllmConfig
@@ -22,11 +23,28 @@ from vllm.logger import init_logger
 from vllm.model_executor.model_loader import get_model
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
-from sparsed_vllm.core.params import DiffusionParams
+from sparsed_vllm.core.params import LLADA, DiffusionParams, family_of
+from sparsed_vllm.core.pattern import default_scale, llada_reference_scale
 from sparsed_vllm.core.request import DiffusionRequest
-from sparsed_vllm.vllm_glue.attention import DiffusionAttentionMetadata
+from sparsed_vllm.core.sparsed import SELECT, PatternStore, SparsedConfig, SparsedSettings
+from sparsed_vllm.vllm_glue.attention import DiffusionAttentionMetadata, SequenceSparsity
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under "vllm" so it shares its handlers
+
+
+@dataclass
+class DiffusionRunnerOutput(ModelRunnerOutput):
+    # req_id -> mean fraction of kept tiles over layers, heads and query tiles, reported on the
+    # request's selection step (the scheduler logs it with the request's stage counts).
+    kept_fraction: dict[str, float] = field(default_factory=dict)
+
+
+def selection_scale(config: SparsedConfig, hf_config, head_dim: int) -> float:
+    """Scale of the selection scores: 1/sqrt(head_dim), or the published code's choice."""
+    family = family_of(hf_config.architectures[0])
+    if config.scale == "reference" and family == LLADA:
+        return llada_reference_scale(hf_config.num_attention_heads)
+    return default_scale(head_dim)
 
 
 def mask_token_id(hf_config) -> int:
@@ -44,6 +62,15 @@ class DiffusionModelRunner:
         self.dtype = self.model_config.dtype
         self.mask_id = mask_token_id(self.model_config.hf_config)
         self.requests: dict[str, DiffusionRequest] = {}
+        # req_id -> (SparseD settings, pattern slot) for requests that go sparse.
+        self.sparsed: dict[str, tuple[SparsedSettings, int]] = {}
+        self.patterns = PatternStore()
+        hf_config = self.model_config.hf_config
+        self.selection_scale = selection_scale(
+            SparsedConfig.from_additional_config(vllm_config.additional_config),
+            hf_config,
+            self.model_config.get_head_size(),
+        )
         self.kv_caches: list[torch.Tensor] = []
         self.model: torch.nn.Module | None = None
         self.model_memory_usage = 0
@@ -93,6 +120,7 @@ class DiffusionModelRunner:
 
     def shutdown(self) -> None:
         self.requests.clear()
+        self.sparsed.clear()
 
     def add_lora(self, *args, **kwargs):
         raise ValueError("LoRA is not supported for diffusion LMs")
@@ -110,13 +138,23 @@ class DiffusionModelRunner:
         return None
 
     # The step.
+    def _drop(self, req_id: str) -> None:
+        self.requests.pop(req_id, None)
+        sparsed = self.sparsed.pop(req_id, None)
+        if sparsed is not None:
+            self.patterns.drop(sparsed[1])
+
     def _sync_requests(self, scheduler_output) -> None:
+        # Ids of requests this worker never saw (aborted while waiting) are ignored.
         for req_id in scheduler_output.finished_req_ids:
-            self.requests.pop(req_id, None)
+            self._drop(req_id)
         steps = scheduler_output.diffusion_steps
         for new in scheduler_output.scheduled_new_reqs:
-            params = DiffusionParams(**steps[new.req_id].params)
+            step = steps[new.req_id]
+            params = DiffusionParams(**step.params)
             self.requests[new.req_id] = DiffusionRequest(new.prompt_token_ids, params, self.mask_id)
+            if step.slot is not None:
+                self.sparsed[new.req_id] = (SparsedSettings(**step.sparsed), step.slot)
         for req_id in scheduler_output.num_scheduled_tokens:
             expected, actual = steps[req_id].step, self.requests[req_id].step
             if expected != actual:
@@ -124,12 +162,18 @@ class DiffusionModelRunner:
                     f"request {req_id}: scheduler is at step {expected}, worker at {actual}"
                 )
 
-    def _forward(self, sequences: list[torch.Tensor]) -> torch.Tensor:
+    def _forward(
+        self, sequences: list[torch.Tensor], sparsity: list[SequenceSparsity] | None = None
+    ) -> torch.Tensor:
         """Hidden states of sequences laid end to end. -> [sum(L), hidden]"""
         input_ids = torch.cat(sequences).to(self.device)
         positions = torch.cat([torch.arange(s.numel()) for s in sequences]).to(self.device)
-        metadata = DiffusionAttentionMetadata.from_seq_lens(
-            [s.numel() for s in sequences], self.device
+        metadata = DiffusionAttentionMetadata.build(
+            [s.numel() for s in sequences],
+            self.device,
+            sparsity,
+            self.patterns,
+            self.selection_scale,
         )
         with set_forward_context(
             metadata, self.vllm_config, num_tokens=input_ids.numel(), slot_mapping={}
@@ -143,26 +187,48 @@ class DiffusionModelRunner:
         if not req_ids:
             return EMPTY_MODEL_RUNNER_OUTPUT
         requests = [self.requests[r] for r in req_ids]
-        sequences, rows, counts = [], [], []
+        steps = scheduler_output.diffusion_steps
+        sequences, rows, counts, sparsity = [], [], [], []
         offset = 0
-        for request in requests:
+        for req_id, request in zip(req_ids, requests, strict=True):
             positions = request.logit_positions()
             counts.append(positions.numel())
-            for seq in request.sequences():
+            for index, seq in enumerate(request.sequences()):
                 sequences.append(seq)
                 rows.append(positions + offset)
                 offset += seq.numel()
-        hidden = self._forward(sequences)
+                sparsity.append(self._sequence_sparsity(req_id, index, steps[req_id].stage))
+        hidden = self._forward(sequences, sparsity)
         logits = self.model.compute_logits(hidden[torch.cat(rows).to(self.device)])
         sampled = self._advance(requests, counts, logits.float())
+        kept = {r: self._kept_fraction(r) for r in req_ids if steps[r].stage == SELECT}
         for req_id, request in zip(req_ids, requests, strict=True):
             if request.finished:
-                self.requests.pop(req_id, None)
-        return ModelRunnerOutput(
+                self._drop(req_id)
+        return DiffusionRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
             sampled_token_ids=sampled,
+            kept_fraction=kept,
         )
+
+    def _sequence_sparsity(self, req_id: str, index: int, stage: str) -> SequenceSparsity:
+        request = self.requests[req_id]
+        settings, slot = self.sparsed.get(req_id, (None, -1))
+        if settings is None:
+            return SequenceSparsity(stage, (slot, index), request.params.gen_length, 0, 0.0)
+        return SequenceSparsity(
+            stage, (slot, index), request.params.gen_length, settings.block_size, settings.select
+        )
+
+    def _kept_fraction(self, req_id: str) -> float:
+        slot = self.sparsed[req_id][1]
+        fractions = [
+            _pattern_kept_fraction(p)
+            for index in range(self.requests[req_id].params.num_sequences)
+            for p in self.patterns.layers((slot, index)).values()
+        ]
+        return sum(fractions) / len(fractions)
 
     @staticmethod
     def _advance(
@@ -177,6 +243,17 @@ class DiffusionModelRunner:
             start += count
         return sampled
 
+    def pattern_slots(self) -> list[int]:
+        """Slots that hold patterns on this worker (for tests and debugging)."""
+        return sorted(self.patterns.slots())
+
     def sample_tokens(self, grammar_output) -> ModelRunnerOutput:
         # execute_model already sampled; the engine calls this only if it returned None.
         return EMPTY_MODEL_RUNNER_OUTPUT
+
+
+def _pattern_kept_fraction(pattern) -> float:
+    """Kept fraction of a TilePattern (CPU path) or a one-sequence PackedTilePattern (GPU)."""
+    if hasattr(pattern, "unpack"):
+        pattern = pattern.unpack()[0]
+    return pattern.kept_fraction()

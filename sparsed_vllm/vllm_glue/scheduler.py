@@ -25,9 +25,16 @@ from vllm.v1.engine import EngineCoreEventType, EngineCoreOutput, EngineCoreOutp
 from vllm.v1.request import Request, RequestStatus
 
 from sparsed_vllm.core.params import DiffusionParams, family_of, resolve_params
+from sparsed_vllm.core.sparsed import (
+    DENSE,
+    SparsedConfig,
+    SparsedSettings,
+    pattern_bytes,
+    resolve_sparsed,
+)
 from sparsed_vllm.vllm_glue.config_hook import generation_defaults
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under "vllm" so it shares its handlers
 
 
 @dataclass
@@ -35,8 +42,22 @@ class DiffusionStep:
     """What every worker must agree on for one request in one step (kept small: sent each step)."""
 
     step: int
-    # The resolved parameters, only on the request's first step.
+    stage: str = DENSE  # SparseD stage of this step: dense | select | sparse
+    slot: int | None = None  # pattern slot, for requests that go sparse
+    # Only on the request's first step: the resolved diffusion parameters and SparseD settings.
     params: dict[str, Any] | None = None
+    sparsed: dict[str, Any] | None = None
+
+
+@dataclass
+class SparsedState:
+    """Scheduler-side SparseD bookkeeping of one request."""
+
+    settings: SparsedSettings
+    pattern_bytes: int
+    slot: int | None = None
+    counts: dict[str, int] = field(default_factory=lambda: {"dense": 0, "select": 0, "sparse": 0})
+    kept_fraction: float | None = None
 
 
 @dataclass
@@ -69,6 +90,16 @@ class DiffusionScheduler(Scheduler):
         self.defaults = generation_defaults(model_config)
         self.diffusion_params: dict[str, DiffusionParams] = {}
         self.diffusion_step: dict[str, int] = {}
+        self.sparsed: dict[str, SparsedState] = {}
+        self.sparsed_config = SparsedConfig.from_additional_config(
+            self.vllm_config.additional_config
+        )
+        parallel = self.vllm_config.parallel_config
+        self._num_layers = model_config.get_num_layers(parallel)
+        self._local_heads = model_config.get_num_attention_heads(parallel)
+        self.pattern_pool_bytes = self.sparsed_config.pattern_pool_bytes
+        self.pattern_pool_used = 0
+        self._free_slots = list(range(self.max_num_running_reqs - 1, -1, -1))
         self._rejected: dict[str, str] = {}
         self._seeds = random.Random()
 
@@ -83,12 +114,35 @@ class DiffusionScheduler(Scheduler):
                 request, self.family, self.defaults, self._seeds.getrandbits(63)
             )
             self._check_fits(request, params)
+            sparsed = self._sparsed_state(request, params)
         except ValueError as exc:
             # Normally caught in the front end already; an engine-side failure must not crash it.
             logger.error("Rejecting request %s: %s", request.request_id, exc)
             self._rejected[request.request_id] = str(exc)
             return
         self.diffusion_params[request.request_id] = params
+        self.sparsed[request.request_id] = sparsed
+
+    def _sparsed_state(self, request: Request, params: DiffusionParams) -> SparsedState:
+        seq_len = request.num_prompt_tokens + params.gen_length
+        settings = resolve_sparsed(self.sparsed_config, request.sampling_params.extra_args, seq_len)
+        if not settings.goes_sparse(params.steps):
+            return SparsedState(settings, 0)
+        cost = pattern_bytes(
+            seq_len,
+            params.gen_length,
+            settings,
+            num_layers=self._num_layers,
+            num_heads=self._local_heads,
+            num_sequences=params.num_sequences,
+        )
+        if cost > self.pattern_pool_bytes:
+            raise ValueError(
+                f"SparseD patterns of this request need {cost / 2**20:.1f} MiB, more than the "
+                f"whole pattern pool ({self.sparsed_config.pattern_pool_mb} MiB); raise "
+                "sparsed.pattern_pool_mb or send sparsed=false"
+            )
+        return SparsedState(settings, cost)
 
     def _check_fits(self, request: Request, params: DiffusionParams) -> None:
         length = request.num_prompt_tokens + params.gen_length
@@ -121,9 +175,11 @@ class DiffusionScheduler(Scheduler):
             running.append(request)
         new_requests = self._admit_waiting(budget, num_scheduled)
         for request in running + new_requests:
-            steps[request.request_id] = DiffusionStep(self.diffusion_step[request.request_id])
+            steps[request.request_id] = self._step_info(request.request_id)
         for request in new_requests:
-            steps[request.request_id].params = self.diffusion_params[request.request_id].to_dict()
+            info = steps[request.request_id]
+            info.params = self.diffusion_params[request.request_id].to_dict()
+            info.sparsed = self.sparsed[request.request_id].settings.to_dict()
         output = DiffusionSchedulerOutput(
             scheduled_new_reqs=[NewRequestData.from_request(r, ()) for r in new_requests],
             scheduled_cached_reqs=self._cached_data(running),
@@ -138,6 +194,13 @@ class DiffusionScheduler(Scheduler):
         self._after_schedule(output)
         return output
 
+    def _step_info(self, req_id: str) -> DiffusionStep:
+        step = self.diffusion_step[req_id]
+        sparsed = self.sparsed[req_id]
+        stage = sparsed.settings.stage(step, self.diffusion_params[req_id].steps)
+        sparsed.counts[stage] += 1
+        return DiffusionStep(step, stage=stage, slot=sparsed.slot)
+
     def _cost(self, request: Request) -> int:
         return self.request_cost(
             self.diffusion_params[request.request_id], request.num_prompt_tokens
@@ -151,9 +214,14 @@ class DiffusionScheduler(Scheduler):
             if request.request_id in self._rejected:
                 break
             cost = self._cost(request)
-            if cost > budget:
+            sparsed = self.sparsed[request.request_id]
+            pool_free = self.pattern_pool_bytes - self.pattern_pool_used
+            if cost > budget or sparsed.pattern_bytes > pool_free:
                 break
             self.waiting.pop_request()
+            if sparsed.pattern_bytes:
+                self.pattern_pool_used += sparsed.pattern_bytes
+                sparsed.slot = self._free_slots.pop()
             budget -= cost
             num_scheduled[request.request_id] = cost
             request.status = RequestStatus.RUNNING
@@ -189,6 +257,9 @@ class DiffusionScheduler(Scheduler):
         self, scheduler_output, model_runner_output
     ) -> dict[int, EngineCoreOutputs]:
         rejected = self._finish_rejected()
+        for req_id, fraction in getattr(model_runner_output, "kept_fraction", {}).items():
+            if req_id in self.sparsed:
+                self.sparsed[req_id].kept_fraction = fraction
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         for request in rejected:
             client = outputs.setdefault(request.client_index, EngineCoreOutputs())
@@ -210,6 +281,36 @@ class DiffusionScheduler(Scheduler):
         return self.finish_requests(ids, RequestStatus.FINISHED_ERROR)
 
     def _free_request(self, request: Request, delay_free_blocks: bool = False):
-        self.diffusion_params.pop(request.request_id, None)
-        self.diffusion_step.pop(request.request_id, None)
+        req_id = request.request_id
+        self.diffusion_params.pop(req_id, None)
+        self.diffusion_step.pop(req_id, None)
+        sparsed = self.sparsed.pop(req_id, None)
+        if sparsed is not None:
+            self._release_patterns(req_id, sparsed)
         return super()._free_request(request, delay_free_blocks)
+
+    def _release_patterns(self, req_id: str, sparsed: SparsedState) -> None:
+        if sparsed.slot is not None:
+            self.pattern_pool_used -= sparsed.pattern_bytes
+            self._free_slots.append(sparsed.slot)
+        if sparsed.counts["select"]:
+            logger.info(
+                "SparseD %s: %d dense, %d select, %d sparse steps; kept %.1f%% of tiles",
+                req_id,
+                sparsed.counts["dense"],
+                sparsed.counts["select"],
+                sparsed.counts["sparse"],
+                100 * (sparsed.kept_fraction or 0.0),
+            )
+
+    def make_stats(self, *args, **kwargs):
+        stats = super().make_stats(*args, **kwargs)
+        if stats is not None:
+            stats.kv_cache_usage = self.get_kv_cache_usage()
+        return stats
+
+    def get_kv_cache_usage(self) -> float:
+        """Pattern-pool usage: it takes the KV cache's place (vLLM logs and exports it)."""
+        if not self.pattern_pool_bytes:
+            return 0.0
+        return self.pattern_pool_used / self.pattern_pool_bytes

@@ -1,0 +1,81 @@
+"""A straightforward SparseD for the reference models, written from the algorithm's statement.
+
+It is independent of `sparsed_vllm.core.pattern` and the kernels on purpose: the engine's
+tokens are compared with the reference generate loops running this attention.
+"""
+
+import math
+
+import torch
+
+
+def select_keep(q, k, gen_length: int, block_size: int, select: float, scale: float):
+    """Kept tiles per head. q, k: [H, L, D] (k already expanded per query head) -> [H, nb, nb]"""
+    heads, length, _ = q.shape
+    nb = math.ceil(length / block_size)
+    g = next((t for t in range(nb) if length - t * block_size <= gen_length), nb - 1)
+
+    def top(n_candidates: int) -> int:
+        return min(n_candidates, max(1, int(n_candidates * select) + 1))
+
+    keep = torch.zeros(heads, nb, nb, dtype=torch.bool)
+    for h in range(heads):
+        for i in range(nb):
+            rows = q[h, i * block_size : (i + 1) * block_size].float()
+            probs = torch.softmax(rows @ k[h].float().T * scale, dim=-1)
+            mass = torch.stack(
+                [probs[:, j * block_size : (j + 1) * block_size].sum() for j in range(nb)]
+            ) / (block_size * block_size)
+            for j in torch.topk(mass, top(nb)).indices.tolist():
+                keep[h, i, j] = j < g
+            gen_probs = torch.softmax(rows @ k[h, g * block_size :].float().T * scale, dim=-1)
+            gen_mass = torch.stack(
+                [gen_probs[:, j * block_size : (j + 1) * block_size].sum() for j in range(nb - g)]
+            ) / (block_size * block_size)
+            for j in torch.topk(gen_mass, top(nb - g)).indices.tolist():
+                keep[h, i, g + j] = True
+    return keep
+
+
+def masked_attention(q, k, v, keep, block_size: int):
+    """Softmax over kept key tiles only. q, k, v: [H, L, D], keep: [H, nb, nb] -> [H, L, D]"""
+    length = q.shape[1]
+    token_keep = keep.repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)
+    token_keep = token_keep[:, :length, :length]
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~token_keep, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+class SparsedOracle:
+    """Attention function for the reference models: dense before the switch step, selection at
+    it, block-sparse after it. Layers call it in order once per forward; one forward per step."""
+
+    def __init__(self, num_layers, total_steps, gen_length, skip, select, block_size, scale=None):
+        self.num_layers = num_layers
+        self.total_steps = total_steps
+        self.switch = int(total_steps * skip) + 1
+        self.gen_length, self.select, self.block_size = gen_length, select, block_size
+        self.scale = scale
+        self.calls = 0
+        self.keep: dict[int, torch.Tensor] = {}
+        self.stages: list[str] = []
+
+    def __call__(self, q, k, v):
+        step, layer = divmod(self.calls, self.num_layers)
+        self.calls += 1
+        q0, k0, v0 = q[0], k[0], v[0]  # batch of one
+        if self.switch < self.total_steps and step > self.switch:
+            stage = "sparse"
+            out = masked_attention(q0, k0, v0, self.keep[layer], self.block_size)
+        else:
+            stage = "select" if step == self.switch < self.total_steps else "dense"
+            out = torch.softmax(q0 @ k0.transpose(-1, -2) / math.sqrt(q0.shape[-1]), -1) @ v0
+            if stage == "select":
+                scale = self.scale or 1 / math.sqrt(q0.shape[-1])
+                self.keep[layer] = select_keep(
+                    q0, k0, self.gen_length, self.block_size, self.select, scale
+                )
+        if layer == 0:
+            self.stages.append(stage)
+        return out[None]
