@@ -139,8 +139,11 @@ def resolve_sparsed(
     """Apply a request's overrides to the plugin defaults. seq_len None: validate only."""
     extra = extra_args or {}
     forced = extra.get("sparsed")
-    if forced is not None and not isinstance(forced, bool):
-        raise ValueError(f"sparsed must be true or false, got {forced!r}")
+    # The OpenAI server's vllm_xargs carry numbers, not booleans: accept 1/0 as well.
+    if forced is not None:
+        if forced not in (True, False) or not isinstance(forced, (bool, int)):
+            raise ValueError(f"sparsed must be true or false (or 1/0), got {forced!r}")
+        forced = bool(forced)
     skip = _check_fraction("sparsed_skip", extra.get("sparsed_skip", config.skip), False, True)
     select = _check_fraction(
         "sparsed_select", extra.get("sparsed_select", config.select), True, False

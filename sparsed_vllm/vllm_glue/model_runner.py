@@ -238,7 +238,10 @@ class DiffusionModelRunner:
         sampled, start = [], 0
         for request, n in zip(requests, counts, strict=True):
             count = request.params.num_sequences * n
-            per_seq = logits[start : start + count].view(request.params.num_sequences, n, -1)
+            # n may be 0: a block whose tokens are all committed before its last step.
+            per_seq = logits[start : start + count].view(
+                request.params.num_sequences, n, logits.shape[-1]
+            )
             sampled.append(request.advance(per_seq))
             start += count
         return sampled

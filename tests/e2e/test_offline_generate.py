@@ -50,8 +50,9 @@ def stop_ids(llm) -> set[int]:
         dict(steps=16, block_length=16, cfg_scale=1.0),
         dict(steps=16, block_length=8, cfg_scale=2.0),
         dict(steps=8, block_length=4, cfg_scale=0.5),
+        dict(steps=32, block_length=8),
     ],
-    ids=["B16", "B8", "B4", "B16-cfg1", "B8-cfg2", "B4-cfg0.5"],
+    ids=["B16", "B8", "B4", "B16-cfg1", "B8-cfg2", "B4-cfg0.5", "more-steps-than-tokens"],
 )
 def test_llada_greedy_equals_reference(llada_llm, llada_tiny, llada_mask, case):
     params = SamplingParams(max_tokens=GEN, temperature=0, extra_args=case)

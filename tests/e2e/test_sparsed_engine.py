@@ -112,7 +112,7 @@ def test_mixed_stage_batch_equals_requests_alone(llada_llm):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        ({"sparsed": "yes"}, "sparsed must be true or false, got 'yes'"),
+        ({"sparsed": "yes"}, "sparsed must be true or false (or 1/0), got 'yes'"),
         ({"sparsed_skip": 1.0}, r"sparsed_skip must be in [0, 1), got 1.0"),
         ({"sparsed_select": 0}, "sparsed_select must be in (0, 1], got 0.0"),
         ({"sparsed_block_size": 100}, "sparsed_block_size must be one of (16, 32, 64, 128, 256)"),

@@ -1,0 +1,245 @@
+"""`sparsed-vllm serve` (vLLM's OpenAI server) on 127.0.0.1, driven by the official client."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from vllm import SamplingParams
+
+SPARSE = {"sparsed": True, "sparsed_block_size": 16}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(llada_tiny_dir, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "sparsed_vllm.entrypoints.cli",
+        "serve",
+        str(llada_tiny_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "256",
+        "--max-num-seqs",
+        "16",
+        "--seed",
+        "0",
+    ]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(llada_tiny_dir):
+    return str(llada_tiny_dir)
+
+
+def metric(server: str, name: str) -> float:
+    text = httpx.get(f"{server}/metrics", timeout=10).text
+    values = re.findall(rf"^{name}\{{[^}}]*\}} ([0-9.e+-]+)$", text, flags=re.M)
+    assert values, f"{name} not exported"
+    return sum(float(v) for v in values)
+
+
+def wait_for(condition, timeout: float = 30.0) -> bool:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def offline(llm, prompt, max_tokens, extra, **sampling):
+    params = SamplingParams(max_tokens=max_tokens, extra_args=extra, **sampling)
+    return llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+
+
+@pytest.mark.parametrize(
+    "sampling, extra",
+    [
+        (dict(temperature=0), {"steps": 16, "block_length": 8}),
+        (dict(temperature=0), {"steps": 16, "block_length": 4, **SPARSE}),
+        (dict(temperature=1.0, seed=7), {"steps": 16, "block_length": 8, "cfg_scale": 1.0}),
+    ],
+    ids=["greedy", "greedy-sparsed", "seeded-cfg"],
+)
+def test_completion_equals_offline(client, model, llada_llm, sampling, extra):
+    prompt = "The quick brown fox jumps"
+    got = client.completions.create(
+        model=model, prompt=prompt, max_tokens=16, extra_body={"vllm_xargs": extra}, **sampling
+    )
+    expected = offline(llada_llm, prompt, 16, extra, **sampling)
+    assert got.choices[0].text == expected.text
+    assert got.usage.completion_tokens == len(expected.token_ids)
+    assert got.usage.prompt_tokens == len(llada_llm.get_tokenizer().encode(prompt))
+
+
+def test_chat_equals_offline_chat(client, model, llada_llm):
+    messages = [{"role": "user", "content": "Name three colours."}]
+    extra = {"steps": 16, "block_length": 8, **SPARSE}
+    got = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=16,
+        temperature=0,
+        extra_body={"vllm_xargs": extra},
+    )
+    params = SamplingParams(max_tokens=16, temperature=0, extra_args=extra)
+    expected = llada_llm.chat([messages], params, use_tqdm=False)[0]
+    assert got.choices[0].message.content == expected.outputs[0].text
+    assert got.usage.prompt_tokens == len(expected.prompt_token_ids)
+
+
+def test_stream_sends_whole_blocks(client, model):
+    extra = {"steps": 64, "block_length": 8}
+    kwargs = dict(model=model, prompt="Once upon a time", max_tokens=32, temperature=0)
+    full = client.completions.create(**kwargs, extra_body={"vllm_xargs": extra})
+    chunks = list(
+        client.completions.create(
+            **kwargs,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"vllm_xargs": extra, "return_token_ids": True},
+        )
+    )
+    pieces = [c.choices[0] for c in chunks if c.choices]
+    token_counts = [len(p.token_ids or []) for p in pieces]
+    # Tokens arrive only when a block is committed: every chunk holds whole 8-token blocks.
+    assert sum(token_counts) == 32 and all(n % 8 == 0 for n in token_counts)
+    assert len([n for n in token_counts if n]) > 1
+    assert "".join(p.text for p in pieces) == full.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 32
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(max_tokens=16, extra_body={"vllm_xargs": {"block_length": 5}}), "block_length"),
+        (dict(max_tokens=16, extra_body={"vllm_xargs": {"block_length": 8, "steps": 3}}), "steps"),
+        (dict(max_tokens=250), "max_tokens"),
+        (dict(max_tokens=16, extra_body={"vllm_xargs": {"sparsed_select": 2}}), "sparsed_select"),
+        (dict(max_tokens=16, extra_body={"vllm_xargs": {"sparsed_skip": -1}}), "sparsed_skip"),
+        (dict(max_tokens=16, presence_penalty=1.0), "presence_penalty"),
+        (dict(max_tokens=16, logprobs=2), "logprobs"),
+    ],
+)
+def test_bad_input_is_http_400_naming_the_field(client, model, kwargs, field):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=model, prompt="word " * 10, temperature=0, **kwargs)
+    assert info.value.status_code == 400
+    assert field in info.value.message
+
+
+def test_disconnect_aborts_and_frees_pattern_memory(server, client, model):
+    body = {
+        "model": model,
+        "prompt": "a long story",
+        "max_tokens": 128,
+        "temperature": 0,
+        "stream": True,
+        "vllm_xargs": {"steps": 8192, "block_length": 8, **SPARSE},
+    }
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        # Keep the iterator referenced: closing it would close the connection early.
+        lines = response.iter_lines()
+        assert any(line.startswith("data: {") for line in lines)  # first committed block
+        # Running, with its pattern memory reserved (the gauges update a moment after the
+        # step); then hang up mid-generation.
+        assert wait_for(lambda: metric(server, "vllm:num_requests_running") == 1), "not running"
+        assert wait_for(lambda: metric(server, "vllm:kv_cache_usage_perc") > 0), "no patterns"
+        response.close()
+    assert wait_for(lambda: metric(server, "vllm:num_requests_running") == 0), "not aborted"
+    assert wait_for(lambda: metric(server, "vllm:kv_cache_usage_perc") == 0), "not freed"
+    ok = client.completions.create(model=model, prompt="still here", max_tokens=8, temperature=0)
+    assert ok.choices[0].finish_reason in ("length", "stop")
+
+
+def test_sixteen_concurrent_mixed_requests(server, client, model, llada_llm):
+    def job(i):
+        extra = {"steps": 8 * (1 + i % 3), "block_length": 8}
+        if i % 2:
+            extra.update(SPARSE)
+        prompt = f"request number {i} " + "x " * (i % 5)
+        if i % 4 == 3:
+            messages = [{"role": "user", "content": prompt}]
+            got = (
+                client.chat.completions.create(
+                    model=model,
+                    messages=messages,
+                    max_tokens=16,
+                    temperature=0,
+                    extra_body={"vllm_xargs": extra},
+                )
+                .choices[0]
+                .message.content
+            )
+            params = SamplingParams(max_tokens=16, temperature=0, extra_args=extra)
+            return got, ("chat", messages, params)
+        got = (
+            client.completions.create(
+                model=model,
+                prompt=prompt,
+                max_tokens=16,
+                temperature=0,
+                extra_body={"vllm_xargs": extra},
+            )
+            .choices[0]
+            .text
+        )
+        return got, ("completion", prompt, extra)
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(job, range(16)))
+    for got, (kind, prompt, extra) in results:
+        if kind == "chat":
+            expected = llada_llm.chat([prompt], extra, use_tqdm=False)[0].outputs[0].text
+        else:
+            expected = offline(llada_llm, prompt, 16, extra, temperature=0).text
+        assert got == expected
+    assert wait_for(lambda: metric(server, "vllm:num_requests_running") == 0)
+    assert wait_for(lambda: metric(server, "vllm:kv_cache_usage_perc") == 0)
