@@ -18,8 +18,12 @@ from vllm.model_executor.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
-from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from vllm.model_executor.layers.vocab_parallel_embedding import (
+    ParallelLMHead,
+    VocabParallelEmbedding,
+)
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
 from sparsed_vllm.vllm_glue.attention import DiffusionAttention
@@ -197,3 +201,35 @@ def load_renamed_weights(
             getattr(param, "weight_loader", default_weight_loader)(param, tensor)
         loaded.add(target)
     return loaded
+
+
+class DiffusionLM(nn.Module):
+    """Backbone + LM head with vLLM's model interface; subclasses map their checkpoint's config
+    fields (`layout`) and tensor names onto it."""
+
+    def __init__(self, layout, *, tied: bool, qkv_bias: bool) -> None:
+        super().__init__()
+        self.model = DiffusionBackbone(layout, prefix="model", qkv_bias=qkv_bias)
+        self.tied = tied
+        self.lm_head = ParallelLMHead(layout.vocab_size, layout.hidden_size, prefix="lm_head")
+        if tied:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(layout.vocab_size)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, *args, **kwargs):
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_shared_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load weights already renamed to the shared layout (a tied head has no tensor)."""
+        weights = (
+            (name, tensor)
+            for name, tensor in weights
+            if not (self.tied and name == "lm_head.weight") and "rotary_emb.inv_freq" not in name
+        )
+        return load_renamed_weights(self, weights)

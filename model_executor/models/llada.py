@@ -11,11 +11,8 @@ import re
 from collections.abc import Iterable
 
 import torch
-from sparsed_vllm.model_executor.models.common import DiffusionBackbone, load_renamed_weights
-from torch import nn
+from sparsed_vllm.model_executor.models.common import DiffusionLM
 from vllm.config import VllmConfig
-from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
 # LLaDA checkpoint name -> the shared (Qwen2-style) layout. ff_proj is the SiLU-gated branch.
 _BLOCK_RENAMES = {
@@ -70,31 +67,15 @@ class _SharedLayout:
         self.include_bias = bool(config.include_bias)
 
 
-class LLaDAModelLM(nn.Module):
+class LLaDAModelLM(DiffusionLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__()
-        self.config = vllm_config.model_config.hf_config
-        layout = _SharedLayout(self.config)
+        config = vllm_config.model_config.hf_config
+        layout = _SharedLayout(config)
         if layout.include_bias:
             raise ValueError("LLaDA checkpoints with include_bias=true are not supported")
-        self.model = DiffusionBackbone(layout, prefix="model", qkv_bias=layout.qkv_bias)
-        self.tied = bool(getattr(self.config, "weight_tying", False))
-        self.lm_head = ParallelLMHead(layout.vocab_size, layout.hidden_size, prefix="lm_head")
-        if self.tied:
-            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
-        self.logits_processor = LogitsProcessor(layout.vocab_size)
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, *args, **kwargs):
-        return self.model(input_ids, positions)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.logits_processor(self.lm_head, hidden_states)
+        tied = bool(getattr(config, "weight_tying", False))
+        super().__init__(layout, tied=tied, qkv_bias=layout.qkv_bias)
+        self.config = config
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        renamed = ((llada_to_shared_name(n), t) for n, t in weights)
-        if self.tied:
-            renamed = ((n, t) for n, t in renamed if n != "lm_head.weight")
-        return load_renamed_weights(self, renamed)
+        return self.load_shared_weights((llada_to_shared_name(n), t) for n, t in weights)
