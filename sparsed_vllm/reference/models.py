@@ -164,8 +164,55 @@ def _check_llada_supported(cfg: LLaDAConfig) -> None:
             raise ValueError(f"LLaDA reference supports {name}={expected!r} only, got {value!r}")
 
 
-class LLaDAModel(nn.Module):
+class _ReferenceLM(nn.Module):
+    """What LLaDA and Dream share: loading by the real names, the layer loop, raw logits.
+
+    Subclasses set `config_class` and provide `_parts()` (embedding, layers, final norm) and
+    `compute_logits`.
+    """
+
+    config_class: type
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
+        """Build from a checkpoint dir (config.json + safetensors by the real names)."""
+        path = Path(path)
+        cfg = cls.config_class.from_json_file(str(path / "config.json"))
+        with torch.device("meta"):
+            model = cls(cfg)
+        _load_into(model, path, dtype, device)
+        return model.eval()
+
+    def forward_hidden(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn_fn: AttnArg = None,
+    ) -> torch.Tensor:
+        """input_ids: [B, L] -> final-norm hidden states [B, L, hidden]."""
+        embed, layers, norm = self._parts()
+        cos_sin = rope_cos_sin(
+            _positions(input_ids, positions), self.config.head_dim, self.config.rope_theta
+        )
+        x = embed(input_ids)
+        for i, layer in enumerate(layers):
+            x = layer(x, cos_sin, _layer_attn_fn(attn_fn, self.attn_fn, i))
+        return norm(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn_fn: AttnArg = None,
+    ) -> torch.Tensor:
+        """input_ids: [B, L] -> raw logits [B, L, V] (no shift)."""
+        return self.compute_logits(self.forward_hidden(input_ids, positions, attn_fn))
+
+
+class LLaDAModel(_ReferenceLM):
     """LLaDA-8B / LLaDA-1.5 masked-diffusion LM. Tensor names: `model.transformer.*`."""
+
+    config_class = LLaDAConfig
 
     def __init__(self, cfg: LLaDAConfig) -> None:
         super().__init__()
@@ -184,33 +231,9 @@ class LLaDAModel(nn.Module):
         self.model = nn.Module()
         self.model.transformer = transformer
 
-    @classmethod
-    def from_pretrained(
-        cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
-    ) -> LLaDAModel:
-        """Build from a checkpoint dir (config.json + safetensors by the real names)."""
-        path = Path(path)
-        cfg = LLaDAConfig.from_json_file(str(path / "config.json"))
-        with torch.device("meta"):
-            model = cls(cfg)
-        _load_into(model, path, dtype, device)
-        return model.eval()
-
-    def forward_hidden(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        attn_fn: AttnArg = None,
-    ) -> torch.Tensor:
-        """input_ids: [B, L] -> final-norm hidden states [B, L, d_model]."""
+    def _parts(self):
         tr = self.model.transformer
-        cos_sin = rope_cos_sin(
-            _positions(input_ids, positions), self.config.head_dim, self.config.rope_theta
-        )
-        x = tr["wte"](input_ids)
-        for i, block in enumerate(tr["blocks"]):
-            x = block(x, cos_sin, _layer_attn_fn(attn_fn, self.attn_fn, i))
-        return tr["ln_f"](x)
+        return tr["wte"], tr["blocks"], tr["ln_f"]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [..., d_model] (any subset of rows) -> logits [..., embedding_size]."""
@@ -218,15 +241,6 @@ class LLaDAModel(nn.Module):
         if self.config.weight_tying:
             return F.linear(hidden, tr["wte"].weight)
         return tr["ff_out"](hidden)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        attn_fn: AttnArg = None,
-    ) -> torch.Tensor:
-        """input_ids: [B, L] -> raw logits [B, L, V] (no shift)."""
-        return self.compute_logits(self.forward_hidden(input_ids, positions, attn_fn))
 
 
 class DreamAttention(nn.Module):
@@ -293,8 +307,10 @@ class DreamBackbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class DreamModel(nn.Module):
+class DreamModel(_ReferenceLM):
     """Dream-v0-7B masked-diffusion LM. Logits are unshifted; generation shifts them."""
+
+    config_class = DreamConfig
 
     def __init__(self, cfg: DreamConfig) -> None:
         super().__init__()
@@ -304,47 +320,14 @@ class DreamModel(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    @classmethod
-    def from_pretrained(
-        cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
-    ) -> DreamModel:
-        """Build from a checkpoint dir (config.json + safetensors by the real names)."""
-        path = Path(path)
-        cfg = DreamConfig.from_json_file(str(path / "config.json"))
-        with torch.device("meta"):
-            model = cls(cfg)
-        _load_into(model, path, dtype, device)
-        return model.eval()
-
-    def forward_hidden(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        attn_fn: AttnArg = None,
-    ) -> torch.Tensor:
-        """input_ids: [B, L] -> final-norm hidden states [B, L, hidden]."""
-        cos_sin = rope_cos_sin(
-            _positions(input_ids, positions), self.config.head_dim, self.config.rope_theta
-        )
-        x = self.model.embed_tokens(input_ids)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos_sin, _layer_attn_fn(attn_fn, self.attn_fn, i))
-        return self.model.norm(x)
+    def _parts(self):
+        return self.model.embed_tokens, self.model.layers, self.model.norm
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [..., hidden] (any subset of rows) -> logits [..., vocab_size]."""
         if self.config.tie_word_embeddings:
             return F.linear(hidden, self.model.embed_tokens.weight)
         return self.lm_head(hidden)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        attn_fn: AttnArg = None,
-    ) -> torch.Tensor:
-        """input_ids: [B, L] -> raw logits [B, L, V] (position i scores token i+1; unshifted)."""
-        return self.compute_logits(self.forward_hidden(input_ids, positions, attn_fn))
 
 
 def load_reference_model(
