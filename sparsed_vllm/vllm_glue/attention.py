@@ -12,6 +12,7 @@ vLLM internals used (0.32): AttentionBackend/AttentionImpl signatures, Attention
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +22,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionBackend, AttentionImpl, AttentionType
 
 from sparsed_vllm.core import pattern as ref
-from sparsed_vllm.core.sparsed import DENSE, SELECT, SPARSE, PatternStore
+from sparsed_vllm.core.sparsed import DENSE, SPARSE, PatternStore
 
 BACKEND_NAME = "CUSTOM"
 
@@ -153,20 +154,31 @@ class DiffusionAttentionImpl(AttentionImpl):
         if seq.stage == SPARSE:
             pattern = metadata.patterns.get(seq.key, layer_index)
             return self._sparse(q, k, v, one, pattern)
-        out = self._dense(q, k, v, one)
-        if seq.stage == SELECT:
-            pattern = self._select(q, k, one, seq, metadata.selection_scale)
-            metadata.patterns.put(seq.key, layer_index, pattern)
+        if seq.stage == DENSE:
+            return self._dense(q, k, v, one)
+        out, pattern = self._dense_and_select(q, k, v, one, seq, metadata.selection_scale)
+        metadata.patterns.put(seq.key, layer_index, pattern)
         return out
 
-    def _select(self, q, k, one, seq: SequenceSparsity, scale: float | None):
-        if q.is_cuda:
-            from sparsed_vllm.kernels import fused_select_pattern
+    def _dense_and_select(self, q, k, v, one, seq: SequenceSparsity, scale: float):
+        """This step's dense output and the selected pattern (from the same post-RoPE q, k)."""
+        if not q.is_cuda:
+            out = self._dense(q, k, v, one)
+            return out, ref.select_pattern(q, k, seq.gen_length, seq.block_size, seq.select, scale)
+        from sparsed_vllm.kernels import dense_attention, fused_select_pattern
 
-            return fused_select_pattern(
-                q, k, one.cu_seqlens, [seq.gen_length], seq.block_size, seq.select, scale
+        # At the attention's own scale, the dense call's log-sum-exp replaces the selection's
+        # first pass over all keys (about half its cost).
+        if math.isclose(scale, self.scale, rel_tol=1e-6):
+            out, lse = dense_attention(
+                q, k, v, one.cu_seqlens, one.max_seqlen, self.scale, return_lse=True
             )
-        return ref.select_pattern(q, k, seq.gen_length, seq.block_size, seq.select, scale)
+        else:
+            out, lse = self._dense(q, k, v, one), None
+        pattern = fused_select_pattern(
+            q, k, one.cu_seqlens, [seq.gen_length], seq.block_size, seq.select, scale, lse=lse
+        )
+        return out, pattern
 
     def _sparse(self, q, k, v, one, pattern) -> torch.Tensor:
         if q.is_cuda:
