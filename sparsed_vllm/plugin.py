@@ -11,6 +11,8 @@ _MODELS = {
     "DreamModel": "sparsed_vllm.model_executor.models.dream:DreamModel",
 }
 
+_ATTENTION_BACKEND = "sparsed_vllm.vllm_glue.attention.DiffusionAttentionBackend"
+
 _registered = False
 
 
@@ -20,6 +22,7 @@ def register() -> None:
         return
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     from sparsed_vllm.configs import register_configs
     from sparsed_vllm.vllm_glue.config_hook import DiffusionLMConfig
@@ -29,4 +32,7 @@ def register() -> None:
         if arch not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(arch, path)
         MODELS_CONFIG_MAP[arch] = DiffusionLMConfig
+    # The models pass this backend to their attention layers directly (the CPU platform ignores
+    # --attention-backend); registering it under CUSTOM makes the name resolvable as well.
+    register_backend(AttentionBackendEnum.CUSTOM, _ATTENTION_BACKEND)
     _registered = True

@@ -90,6 +90,11 @@ def varlen_dense_attention(
     return out
 
 
+def _use_kernels(q: torch.Tensor) -> bool:
+    """Triton/cuDNN kernels on CUDA in fp16/bf16; the exact PyTorch path everywhere else."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
 class DiffusionAttentionImpl(AttentionImpl):
     def __init__(
         self,
@@ -142,7 +147,7 @@ class DiffusionAttentionImpl(AttentionImpl):
         return output
 
     def _dense(self, q, k, v, metadata: DiffusionAttentionMetadata) -> torch.Tensor:
-        if q.is_cuda:
+        if _use_kernels(q):
             from sparsed_vllm.kernels import dense_attention
 
             return dense_attention(q, k, v, metadata.cu_seqlens, metadata.max_seqlen, self.scale)
@@ -162,7 +167,7 @@ class DiffusionAttentionImpl(AttentionImpl):
 
     def _dense_and_select(self, q, k, v, one, seq: SequenceSparsity, scale: float):
         """This step's dense output and the selected pattern (from the same post-RoPE q, k)."""
-        if not q.is_cuda:
+        if not _use_kernels(q):
             out = self._dense(q, k, v, one)
             return out, ref.select_pattern(q, k, seq.gen_length, seq.block_size, seq.select, scale)
         from sparsed_vllm.kernels import dense_attention, fused_select_pattern
@@ -181,7 +186,7 @@ class DiffusionAttentionImpl(AttentionImpl):
         return out, pattern
 
     def _sparse(self, q, k, v, one, pattern) -> torch.Tensor:
-        if q.is_cuda:
+        if _use_kernels(q):
             from sparsed_vllm.kernels import sparse_attention
 
             return sparse_attention(q, k, v, one.cu_seqlens, pattern, self.scale)

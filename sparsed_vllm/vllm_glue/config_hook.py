@@ -95,6 +95,29 @@ class DreamRequestValidator(_DiffusionRequestValidator):
 _VALIDATORS = {LLADA: LLaDARequestValidator, DREAM: DreamRequestValidator}
 
 
+def _v2_validator(validator: type) -> type:
+    """The validator as a subclass of the V2 model runner's LogitsProcessor as well.
+
+    Why: with the V2 runner on (the CUDA default in 0.32) the front end loads logits processors
+    through `vllm.v1.worker.gpu.sample.logits_processor`, which accepts only its own base class.
+    The class is a module attribute (see `__getattr__`) so a spawned process can unpickle it.
+    Remove when vLLM has one LogitsProcessor interface.
+    """
+    name = f"{validator.__name__}V2"
+    if name not in globals():
+        from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Processor
+
+        globals()[name] = type(name, (validator, V2Processor), {"__module__": __name__})
+    return globals()[name]
+
+
+def __getattr__(name: str) -> type:
+    for validator in _VALIDATORS.values():
+        if name == f"{validator.__name__}V2":
+            return _v2_validator(validator)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class DiffusionLMConfig(VerifyAndUpdateConfig):
     """Switches a LLaDA/Dream engine to diffusion decoding."""
 
@@ -142,6 +165,8 @@ class DiffusionLMConfig(VerifyAndUpdateConfig):
         validator.sparsed_config = SparsedConfig.from_additional_config(
             vllm_config.additional_config
         )
+        if vllm_config.use_v2_model_runner:
+            validator = _v2_validator(validator)
         processors = list(model_config.logits_processors or [])
         if validator not in processors:
             processors.append(validator)
