@@ -193,14 +193,18 @@ class DiffusionModelRunner:
         for req_id, request in zip(req_ids, requests, strict=True):
             positions = request.logit_positions()
             counts.append(positions.numel())
+            stage = steps[req_id].stage
+            # A step with nothing left to commit (more steps than masked tokens in the block)
+            # needs no forward, unless it is the step that selects the SparseD patterns.
+            if positions.numel() == 0 and stage != SELECT:
+                continue
             for index, seq in enumerate(request.sequences()):
                 sequences.append(seq)
                 rows.append(positions + offset)
                 offset += seq.numel()
-                sparsity.append(self._sequence_sparsity(req_id, index, steps[req_id].stage))
-        hidden = self._forward(sequences, sparsity)
-        logits = self.model.compute_logits(hidden[torch.cat(rows).to(self.device)])
-        sampled = self._advance(requests, counts, logits.float())
+                sparsity.append(self._sequence_sparsity(req_id, index, stage))
+        logits = self._logits(sequences, rows, sparsity)
+        sampled = self._advance(requests, counts, logits)
         kept = {r: self._kept_fraction(r) for r in req_ids if steps[r].stage == SELECT}
         for req_id, request in zip(req_ids, requests, strict=True):
             if request.finished:
@@ -211,6 +215,18 @@ class DiffusionModelRunner:
             sampled_token_ids=sampled,
             kept_fraction=kept,
         )
+
+    def _logits(self, sequences, rows, sparsity) -> torch.Tensor:
+        """fp32 logits at the candidate rows of all sequences. -> [sum(rows), V]"""
+        vocab = self.model_config.get_vocab_size()
+        if not sequences:
+            return torch.empty(0, vocab, device=self.device)
+        hidden = self._forward(sequences, sparsity)
+        row_index = torch.cat(rows).to(self.device)
+        if row_index.numel() == 0:
+            # The logits all-gather under TP must never see an empty tensor.
+            return torch.empty(0, vocab, device=self.device)
+        return self.model.compute_logits(hidden[row_index]).float()
 
     def _sequence_sparsity(self, req_id: str, index: int, stage: str) -> SequenceSparsity:
         request = self.requests[req_id]

@@ -13,21 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Lets tests run a function on the worker's model through collective_rpc (test-only).
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
-vllm = pytest.importorskip("vllm")
+pytest.importorskip("vllm")
 
-MAX_MODEL_LEN = 256
-
-
-def make_llm(model_dir, **kwargs):
-    return vllm.LLM(
-        model=str(model_dir),
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=MAX_MODEL_LEN,
-        max_num_seqs=16,
-        seed=0,
-        **kwargs,
-    )
+from engines import make_llm  # noqa: E402  (after the skip: it imports vLLM)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from engines import generate_ids, token_prompts
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import RequestOutputKind
@@ -19,9 +20,6 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [100, 200, 300], list(range(20, 61))]
 GEN = 16
 
 
-def token_prompts(prompts):
-    return [{"prompt_token_ids": p} for p in prompts]
-
 
 def cut_at_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
     """What vLLM returns for a finished canvas: everything up to and including the first stop."""
@@ -30,10 +28,6 @@ def cut_at_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
             return tokens[: i + 1]
     return tokens
 
-
-def generate_ids(llm, prompts, params) -> list[list[int]]:
-    outs = llm.generate(token_prompts(prompts), params, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs]
 
 
 def stop_ids(llm) -> set[int]:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from engines import generate_ids
 from sparsed_oracle import SparsedOracle
 from vllm import EngineArgs, LLMEngine, SamplingParams
 from vllm.exceptions import VLLMValidationError
@@ -13,10 +14,6 @@ PROMPT_37 = list(range(3, 40))  # 37 + 32 = 69 tokens: partial last tile at bloc
 PROMPT_5 = [11, 12, 13, 14, 15]
 SPARSE = {"sparsed": True, "sparsed_block_size": 16, "sparsed_select": 0.3}
 
-
-def generate_ids(llm, prompts, params):
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs]
 
 
 def llada_params(extra, gen=32):
@@ -97,12 +94,14 @@ def test_dream_gqa_sparsed_equals_reference_sparsed(dream_llm, dream_tiny, dream
 
 
 def test_mixed_stage_batch_equals_requests_alone(llada_llm):
-    prompts = [PROMPT_37, PROMPT_5, list(range(50, 73)), PROMPT_37]
+    prompts = [PROMPT_37, PROMPT_5, list(range(50, 73)), PROMPT_37, PROMPT_5]
     params = [
         llada_params(SPARSE),
         llada_params({**SPARSE, "sparsed_skip": 0.6, "steps": 8}),
         llada_params({"sparsed": False}),
         llada_params({**SPARSE, "cfg_scale": 1.0, "sparsed_skip": 0.0}),
+        # Selection at step 5, a step with nothing left to commit in its block.
+        llada_params({**SPARSE, "steps": 16, "block_length": 4, "sparsed_skip": 0.25}, gen=8),
     ]
     together = generate_ids(llada_llm, prompts, params)
     alone = [generate_ids(llada_llm, [p], sp)[0] for p, sp in zip(prompts, params, strict=True)]

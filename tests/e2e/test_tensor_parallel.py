@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from engines import generate_ids, make_llm
 from sparsed_oracle import SparsedOracle
 from vllm import LLM, SamplingParams
 
@@ -29,16 +30,8 @@ def tp2_llm(model_dir, **kwargs) -> LLM:
     with pytest.MonkeyPatch.context() as env:
         # One core per rank; read when the engine process starts.
         env.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-        llm = LLM(
-            model=str(model_dir),
-            dtype="float32",
-            enforce_eager=True,
-            max_model_len=256,
-            max_num_seqs=16,
-            seed=0,
-            tensor_parallel_size=TP,
-            distributed_executor_backend="mp",
-            **kwargs,
+        llm = make_llm(
+            model_dir, tensor_parallel_size=TP, distributed_executor_backend="mp", **kwargs
         )
     llm.collective_rpc(rank_probe.record_steps)
     return llm
@@ -58,10 +51,6 @@ def dream_tp2(dream_tiny_dir):
     yield llm
     llm.llm_engine.engine_core.shutdown()
 
-
-def generate_ids(llm, prompts, params):
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs]
 
 
 def llada_batch(extra):
@@ -118,6 +107,16 @@ def test_llada_tp2_sparsed_uses_all_heads_for_the_reference_scale(
     # The prompt is chosen so that a rank scoring with its own head count would differ.
     assert run_llada_oracle(llada_tiny, llada_mask, PROMPT_37, per_rank) != expected
     assert generate_ids(llada_tp2, [PROMPT_37], llada_batch(SPARSE)[:1]) == [expected]
+
+
+def test_steps_with_nothing_to_commit_under_tp2(llada_tp2, llada_llm):
+    # 8 steps per 4-token block: every request of the batch has steps with no masked token left,
+    # which run no forward and no logits all-gather (an empty all-gather crashes the workers).
+    extra = {"steps": 16, "block_length": 4, **DENSE}
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, extra_args=extra)
+    expected = generate_ids(llada_llm, PROMPTS, params)
+    assert generate_ids(llada_tp2, PROMPTS, params) == expected
+    assert [len(t) for t in expected] == [8, 8, 8]
 
 
 @pytest.mark.parametrize("mode", MODES)
