@@ -20,14 +20,12 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [100, 200, 300], list(range(20, 61))]
 GEN = 16
 
 
-
 def cut_at_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
     """What vLLM returns for a finished canvas: everything up to and including the first stop."""
     for i, t in enumerate(tokens):
         if t in stop_ids:
             return tokens[: i + 1]
     return tokens
-
 
 
 def stop_ids(llm) -> set[int]:

@@ -15,7 +15,6 @@ PROMPT_5 = [11, 12, 13, 14, 15]
 SPARSE = {"sparsed": True, "sparsed_block_size": 16, "sparsed_select": 0.3}
 
 
-
 def llada_params(extra, gen=32):
     return SamplingParams(
         max_tokens=gen,

@@ -52,7 +52,6 @@ def dream_tp2(dream_tiny_dir):
     llm.llm_engine.engine_core.shutdown()
 
 
-
 def llada_batch(extra):
     """Greedy, seeded sampling at temperature 0.8, and classifier-free guidance in one batch."""
     base = {"steps": 32, "block_length": 8, **extra}
