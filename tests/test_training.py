@@ -1,0 +1,162 @@
+"""CPU checks of the training groundwork: task generator, diffusion loss, smoke checkpoint."""
+
+import random
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+
+import tasks  # noqa: E402
+import train  # noqa: E402
+
+LENGTH = 400
+
+
+def _recover(example: tasks.Example) -> str:
+    """Answer each task from its prompt text alone, as an exact checker of the generator."""
+    context, question = example.prompt.removesuffix(tasks.ANSWER_PREFIX).rsplit("\n", 1)
+    if example.kind == "passkey":
+        return re.search(r"The passkey is (\d+)\.", context).group(1)
+    if example.kind == "kv":
+        key = re.fullmatch(r"What is the value of (\S+)\?", question).group(1)
+        return re.search(rf"^{re.escape(key)}: (\d+)$", context, re.M).group(1)
+    if example.kind == "two_hop":
+        key = re.fullmatch(r"What number does (\S+) lead to\?", question).group(1)
+        hop = re.search(rf"^{re.escape(key)} -> (\S+)$", context, re.M).group(1)
+        return re.search(rf"^{re.escape(hop)} = (\d+)$", context, re.M).group(1)
+    if example.kind == "copy":
+        tag = re.fullmatch(r"Repeat note (\d+) word for word\.", question).group(1)
+        return re.search(rf"^Note {tag}: (.+)\.$", context, re.M).group(1)
+    if example.kind == "arith":
+        a, op, b = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", question).groups()
+        return str(int(a) + int(b) if op == "+" else int(a) - int(b))
+    return re.fullmatch(r"Say exactly: (.+)", question).group(1)
+
+
+def test_tasks_deterministic():
+    first = tasks.make_examples(24, seed=3, length=LENGTH)
+    assert first == tasks.make_examples(24, seed=3, length=LENGTH)
+    assert first != tasks.make_examples(24, seed=4, length=LENGTH)
+    assert {e.kind for e in first} == set(tasks.TASKS)
+
+
+@pytest.mark.parametrize("kind", tasks.TASKS)
+def test_answers_recoverable_from_prompt(kind):
+    examples = tasks.make_examples(30, seed=7, length=LENGTH, kinds=[kind])
+    for example in examples:
+        assert _recover(example) == example.answer
+        assert tasks.is_correct(f" {example.answer}.", example)
+    if kind in tasks.LONG_TASKS:
+        lengths = [tasks.approx_tokens(e.prompt) for e in examples]
+        assert all(0.7 * LENGTH <= n <= 1.3 * LENGTH for n in lengths), lengths
+
+
+def test_kv_keys_unique_and_needle_depth_varies():
+    kv = tasks.make_examples(10, seed=1, length=LENGTH, kinds=["kv"])
+    for example in kv:
+        keys = re.findall(r"^(\S+): \d+$", example.prompt, re.M)
+        assert len(keys) == len(set(keys)) > 20
+    depths = {
+        e.prompt.index("The passkey is") / len(e.prompt)
+        for e in tasks.make_examples(10, seed=1, length=LENGTH, kinds=["passkey"])
+    }
+    assert max(depths) - min(depths) > 0.3
+
+
+def test_unknown_task_is_an_error():
+    with pytest.raises(ValueError, match="nope"):
+        tasks.make_example("nope", random.Random(0), 10)
+
+
+def _batch(tok, ids, gen_len=16):
+    examples = tasks.make_examples(4, seed=0, length=60, count=train.token_counter(tok))
+    return train.collate([train.encode_example(tok, e, ids, gen_len) for e in examples], ids.eos)
+
+
+@pytest.fixture(scope="module")
+def smoke_parts():
+    shape, cfg = train.PRESETS["smoke"]
+    tok = train.build_tokenizer("llada", shape.vocab)
+    return shape, cfg, tok, train.TokenIds.for_vocab(shape.vocab)
+
+
+def test_masking_touches_only_answer_tokens(smoke_parts):
+    _, _, tok, ids = smoke_parts
+    input_ids, answer_mask, valid = _batch(tok, ids)
+    assert (answer_mask.sum(1) == 16).all() and (answer_mask <= valid).all()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        noisy, masked, t = train.mask_answers(input_ids, answer_mask, ids.mask, 1e-3, gen)
+        assert (masked <= answer_mask).all()
+        assert torch.equal(noisy[~masked], input_ids[~masked])
+        assert (noisy[masked] == ids.mask).all()
+        assert ((t >= 1e-3) & (t <= 1)).all()
+    many = torch.zeros_like(answer_mask)
+    for _ in range(20):
+        many |= train.mask_answers(input_ids, answer_mask, ids.mask, 1e-3, gen)[1]
+    assert torch.equal(many, answer_mask)
+
+
+def test_diffusion_loss_finite_and_answer_only(smoke_parts):
+    shape, _, tok, ids = smoke_parts
+    torch.manual_seed(0)
+    model = train.build_model(shape, "cpu")
+    input_ids, answer_mask, valid = _batch(tok, ids)
+    loss = train.diffusion_loss(
+        model, input_ids, answer_mask, valid, ids.mask, generator=torch.Generator().manual_seed(1)
+    )
+    assert torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    grad = model.model.transformer["wte"].weight.grad
+    assert torch.isfinite(grad).all()
+    # With no answer tokens nothing is masked: the prompt carries no loss.
+    no_answer = torch.zeros_like(answer_mask)
+    prompt_only = train.diffusion_loss(model, input_ids, no_answer, valid, ids.mask)
+    assert prompt_only.item() == 0.0
+
+
+def test_padding_keys_do_not_change_hidden_states(smoke_parts):
+    shape, _, tok, ids = smoke_parts
+    torch.manual_seed(0)
+    model = train.build_model(shape, "cpu").eval()
+    x = torch.randint(0, 200, (1, 20))
+    padded = torch.cat([x, torch.full((1, 7), ids.eos)], dim=1)
+    valid = torch.zeros_like(padded, dtype=torch.bool)
+    valid[:, :20] = True
+    with torch.no_grad():
+        ref = model.forward_hidden(x)
+        out = model.forward_hidden(padded, attn_fn=train.padded_attention(valid))[:, :20]
+    assert (out - ref).norm() / ref.norm() < 1e-5
+
+
+def test_smoke_training_writes_loadable_checkpoint(tmp_path, smoke_parts):
+    from transformers import AutoTokenizer
+
+    from sparsed_vllm.configs import register_configs
+    from sparsed_vllm.reference.models import LLaDAModel
+
+    shape, cfg, _, ids = smoke_parts
+    cfg = train.dataclasses.replace(cfg, steps=6)
+    model, _ = train.train(shape, cfg, "cpu", seed=0, log_every=100)
+    out = train.save_checkpoint(model, shape, tmp_path / "ckpt", dtype=torch.float32)
+
+    loaded = LLaDAModel.from_pretrained(out)
+    assert set(loaded.state_dict()) == set(model.state_dict())
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    register_configs()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.mask_token_id == ids.mask and tok.eos_token_id == ids.eos
+    example = tasks.make_examples(1, seed=0, length=50)[0]
+    prompt, canvas = train.encode_example(
+        train.Tokenizer.from_file(str(out / "tokenizer.json")), example, ids, 16
+    )
+    assert prompt[1:] == tok.encode(example.prompt, add_special_tokens=False)
+    assert tok.decode(canvas, skip_special_tokens=True).strip() == example.answer
+    with torch.no_grad():
+        logits = loaded(torch.tensor([prompt + canvas]))
+    assert logits.shape == (1, len(prompt) + 16, shape.vocab) and torch.isfinite(logits).all()

@@ -1,0 +1,211 @@
+"""Synthetic tasks whose answers need attention far back in a long context, plus short tasks.
+
+Every generator is a pure function of a `random.Random`: the same seed gives the same examples.
+Long tasks take a target prompt length in tokens; the length is measured with `count_tokens`
+(the model's tokenizer in training, a 4-characters-per-token estimate by default), piece by piece,
+so it is approximate (a few tokens). Answers are short (<= 16 tokens with the project tokenizer)
+and checked by exact string match after stripping whitespace.
+
+Prompt layout: `<context>\n<question>\nAnswer:`; the answer follows as ` <answer>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable, Sequence
+
+LONG_TASKS = ("passkey", "kv", "two_hop", "copy")
+SHORT_TASKS = ("arith", "echo")
+TASKS = LONG_TASKS + SHORT_TASKS
+ANSWER_PREFIX = "\nAnswer:"
+
+TokenCounter = Callable[[str], int]
+
+_NAMES = ("Ada", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jade", "Kai", "Lena")
+_ACTIONS = (
+    "walked to", "painted", "looked at", "counted", "cleaned", "visited", "measured", "repaired",
+    "described", "ignored", "opened", "photographed",
+)  # fmt: skip
+_THINGS = (
+    "the old bridge", "a red boat", "the quiet garden", "seven lamps", "the market square",
+    "a wooden chair", "the north tower", "two small dogs", "the river bank", "a green door",
+    "the long hallway", "a stack of books",
+)  # fmt: skip
+_WHEN = (
+    "in the morning.", "after lunch.", "before the rain.", "on a sunny day.", "at night.",
+    "without a word.", "with some friends.", "for an hour.",
+)  # fmt: skip
+# Words the project tokenizer keeps whole (1 token at vocab 1024, <= 2 at 512): short answers.
+_WORDS = (
+    "model", "team", "robot", "cat", "server", "letter", "bridge", "result", "token", "report",
+    "map", "car", "boxes", "tea", "block", "library", "market", "city", "list", "hour",
+)  # fmt: skip
+_LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One task instance: `prompt` ends with `ANSWER_PREFIX`; `answer` has no surrounding space."""
+
+    kind: str
+    prompt: str
+    answer: str
+
+
+def approx_tokens(text: str) -> int:
+    """Tokenizer-free length estimate: about 4 characters per token."""
+    return max(1, -(-len(text) // 4))
+
+
+def _sentence(rng: random.Random) -> str:
+    return " ".join(
+        (rng.choice(_NAMES), rng.choice(_ACTIONS), rng.choice(_THINGS), rng.choice(_WHEN))
+    )
+
+
+def _code(rng: random.Random) -> str:
+    """A key such as `QZR-417`."""
+    return "".join(rng.choice(_LETTERS) for _ in range(3)) + f"-{rng.randint(100, 999)}"
+
+
+def _number(rng: random.Random, digits: int) -> str:
+    return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+
+
+def _fill(
+    rng: random.Random, make: Callable[[], str], budget: int, count: TokenCounter
+) -> list[str]:
+    """Lines from `make()` while their summed token count stays within `budget` (at least one)."""
+    lines: list[str] = []
+    used = 0
+    while True:
+        line = make()
+        used += count(line + "\n")
+        if lines and used > budget:
+            return lines
+        lines.append(line)
+
+
+def _bury(rng: random.Random, lines: list[str], needle: str) -> list[str]:
+    """Insert `needle` at a uniformly random depth among `lines`."""
+    depth = rng.randint(0, len(lines))
+    return lines[:depth] + [needle] + lines[depth:]
+
+
+def _prompt(context: Sequence[str], question: str) -> str:
+    return "\n".join(context) + "\n" + question + ANSWER_PREFIX
+
+
+def passkey(rng: random.Random, length: int, count: TokenCounter = approx_tokens) -> Example:
+    """A 5-digit passkey at a random depth in distractor sentences of about `length` tokens."""
+    key = _number(rng, 5)
+    needle = f"The passkey is {key}. Remember it."
+    question = "What is the passkey?"
+    budget = length - count(needle + "\n" + question + ANSWER_PREFIX)
+    context = _bury(rng, _fill(rng, lambda: _sentence(rng), budget, count), needle)
+    return Example("passkey", _prompt(context, question), key)
+
+
+def _distinct_codes(rng: random.Random, n: int) -> list[str]:
+    codes: dict[str, None] = {}
+    while len(codes) < n:
+        codes[_code(rng)] = None
+    return list(codes)
+
+
+def kv(rng: random.Random, length: int, count: TokenCounter = approx_tokens) -> Example:
+    """`key: value` lines filling about `length` tokens; ask for one key's 4-digit value."""
+    line_tokens = max(1, count(f"{_code(rng)}: {_number(rng, 4)}\n"))
+    keys = _distinct_codes(rng, max(2, length // line_tokens))
+    values = [_number(rng, 4) for _ in keys]
+    target = rng.randrange(len(keys))
+    question = f"What is the value of {keys[target]}?"
+    budget = length - count(question + ANSWER_PREFIX)
+    lines, used = [], 0
+    for key, value in zip(keys, values, strict=True):
+        if used >= budget and len(lines) > target:
+            break
+        lines.append(f"{key}: {value}")
+        used += count(lines[-1] + "\n")
+    return Example("kv", _prompt(lines, question), values[target])
+
+
+def two_hop(rng: random.Random, length: int, count: TokenCounter = approx_tokens) -> Example:
+    """Keys point to other keys (`A -> B`) or to numbers (`B = 1234`); ask for A's number."""
+    pair = count(f"{_code(rng)} -> {_code(rng)}\n") + count(f"{_code(rng)} = {_number(rng, 4)}\n")
+    n = max(4, int(2 * length / max(1, pair))) // 2 * 2
+    codes = _distinct_codes(rng, n)
+    pointers, holders = codes[: n // 2], codes[n // 2 :]
+    rng.shuffle(holders)
+    values = {h: _number(rng, 4) for h in holders}
+    lines = [f"{a} -> {b}" for a, b in zip(pointers, holders, strict=True)]
+    lines += [f"{h} = {values[h]}" for h in holders]
+    rng.shuffle(lines)
+    start = rng.randrange(len(pointers))
+    question = f"What number does {pointers[start]} lead to?"
+    return Example("two_hop", _prompt(lines, question), values[holders[start]])
+
+
+def copy(rng: random.Random, length: int, count: TokenCounter = approx_tokens) -> Example:
+    """A numbered note of 3 to 5 words among distractors; ask to repeat that note."""
+    tag = rng.randint(10, 99)
+    span = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 5)))
+    needle = f"Note {tag}: {span}."
+    question = f"Repeat note {tag} word for word."
+    budget = length - count(needle + "\n" + question + ANSWER_PREFIX)
+    context = _bury(rng, _fill(rng, lambda: _sentence(rng), budget, count), needle)
+    return Example("copy", _prompt(context, question), span)
+
+
+def arith(rng: random.Random, length: int = 0, count: TokenCounter = approx_tokens) -> Example:
+    """`a + b` or `a - b` with small operands (`length` is ignored)."""
+    a, b = rng.randint(0, 999), rng.randint(0, 999)
+    if rng.random() < 0.5:
+        return Example("arith", _prompt([], f"What is {a} + {b}?"), str(a + b))
+    a, b = max(a, b), min(a, b)
+    return Example("arith", _prompt([], f"What is {a} - {b}?"), str(a - b))
+
+
+def echo(rng: random.Random, length: int = 0, count: TokenCounter = approx_tokens) -> Example:
+    """Repeat 1 to 4 words (`length` is ignored)."""
+    words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 4)))
+    return Example("echo", _prompt([], f"Say exactly: {words}"), words)
+
+
+GENERATORS: dict[str, Callable[..., Example]] = {
+    "passkey": passkey,
+    "kv": kv,
+    "two_hop": two_hop,
+    "copy": copy,
+    "arith": arith,
+    "echo": echo,
+}
+
+
+def make_example(
+    kind: str, rng: random.Random, length: int, count: TokenCounter = approx_tokens
+) -> Example:
+    """One example of `kind` with a prompt of about `length` tokens (long tasks)."""
+    if kind not in GENERATORS:
+        raise ValueError(f"unknown task {kind!r}; expected one of {TASKS}")
+    if length < 0:
+        raise ValueError(f"length must be >= 0, got {length}")
+    return GENERATORS[kind](rng, length, count)
+
+
+def make_examples(
+    n: int,
+    seed: int,
+    length: int,
+    kinds: Sequence[str] = TASKS,
+    count: TokenCounter = approx_tokens,
+) -> list[Example]:
+    """`n` examples cycling through `kinds`, deterministic in (n, seed, length, kinds)."""
+    rng = random.Random(seed)
+    return [make_example(kinds[i % len(kinds)], rng, length, count) for i in range(n)]
+
+
+def is_correct(prediction: str, example: Example) -> bool:
+    """Exact match after stripping whitespace and a trailing period."""
+    return prediction.strip().rstrip(".").strip() == example.answer

@@ -1,0 +1,372 @@
+"""Train a small LLaDA-format masked-diffusion LM on the synthetic tasks of `tasks.py`.
+
+    python training/train.py --preset h100 --device cuda --out ckpt/llada-retrieval
+    python training/train.py --preset smoke --out /tmp/llada-smoke          # CPU, seconds
+
+Objective (LLaDA SFT): the prompt stays clean; every answer token (the answer, then EOS up to
+`gen_len`) is masked with probability t ~ U(eps, 1), drawn per sequence; the loss is the
+cross-entropy on masked tokens weighted 1/t, summed per sequence, divided by its answer length,
+averaged over the batch. Sequences in a batch share one sampled context length (a curriculum
+grows it to `--max-len`) and are right-padded; padding is masked out of attention as keys.
+
+The output directory is a LLaDA checkpoint in the project's layout (config.json, generation
+config, tokenizer from `sparsed_vllm.checkpoint`) with weights saved by the real tensor names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import tasks
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+
+from sparsed_vllm.checkpoint import Shape, generation_config, llada_config
+from sparsed_vllm.configs import LLaDAConfig
+from sparsed_vllm.reference.generate import llada_generate
+from sparsed_vllm.reference.models import LLaDAModel
+from sparsed_vllm.tokenizer_builder import build_tokenizer, special_token_ids, write_tokenizer
+
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and data settings of a preset (command-line flags override some)."""
+
+    steps: int
+    batch_tokens: int
+    lr: float
+    min_len: int
+    max_len: int
+    gen_len: int = 16
+    warmup: int = 100
+    weight_decay: float = 0.1
+    eps: float = 1e-3
+    short_frac: float = 0.15
+    curriculum_frac: float = 0.6
+    eval_every: int = 500
+    eval_examples: int = 24
+
+    def validate(self, shape: Shape) -> None:
+        """Raise ValueError naming the offending value."""
+        if self.steps <= 0:
+            raise ValueError(f"steps must be positive, got {self.steps}")
+        if not 0 < self.min_len <= self.max_len:
+            raise ValueError(f"need 0 < min_len {self.min_len} <= max_len {self.max_len}")
+        if self.max_len > shape.max_len:
+            raise ValueError(f"max_len {self.max_len} exceeds the model length {shape.max_len}")
+        if self.batch_tokens < self.max_len:
+            raise ValueError(f"batch_tokens {self.batch_tokens} < max_len {self.max_len}")
+
+
+PRESETS: dict[str, tuple[Shape, TrainConfig]] = {
+    "smoke": (
+        Shape(layers=2, hidden=64, heads=4, kv_heads=4, intermediate=128, vocab=512, max_len=512),
+        TrainConfig(
+            steps=20,
+            batch_tokens=1024,
+            lr=2e-3,
+            min_len=48,
+            max_len=160,
+            warmup=4,
+            eval_every=0,
+            eval_examples=4,
+        ),
+    ),
+    # About 5.6M parameters (11 MB in bfloat16); see training/README.md for the timing estimate.
+    "h100": (
+        Shape(
+            layers=6, hidden=256, heads=8, kv_heads=8, intermediate=768, vocab=1024, max_len=8192
+        ),
+        TrainConfig(steps=4000, batch_tokens=65536, lr=1e-3, min_len=128, max_len=4096),
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenIds:
+    bos: int
+    eos: int
+    mask: int
+
+    @classmethod
+    def for_vocab(cls, vocab: int) -> TokenIds:
+        ids = special_token_ids("llada", vocab)
+        return cls(bos=ids["bos"], eos=ids["eos"], mask=ids["mask"])
+
+
+def token_counter(tok: Tokenizer):
+    """`count(text)` with the model's tokenizer, for the task generators."""
+    return lambda text: len(tok.encode(text).ids)
+
+
+def encode_example(
+    tok: Tokenizer, example: tasks.Example, ids: TokenIds, gen_len: int
+) -> tuple[list[int], list[int]]:
+    """(prompt ids = BOS + prompt, canvas ids = ` answer` + EOS padding to `gen_len`)."""
+    answer = tok.encode(" " + example.answer).ids
+    if len(answer) >= gen_len:
+        raise ValueError(f"answer {example.answer!r} is {len(answer)} tokens; gen_len {gen_len}")
+    return [ids.bos, *tok.encode(example.prompt).ids], answer + [ids.eos] * (gen_len - len(answer))
+
+
+def collate(
+    pairs: Sequence[tuple[list[int], list[int]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest. -> input_ids, answer_mask, valid: [B, L] (long, bool, bool)."""
+    length = max(len(p) + len(a) for p, a in pairs)
+    input_ids = torch.full((len(pairs), length), pad_id, dtype=torch.long)
+    answer_mask = torch.zeros(len(pairs), length, dtype=torch.bool)
+    valid = torch.zeros(len(pairs), length, dtype=torch.bool)
+    for i, (prompt, answer) in enumerate(pairs):
+        n = len(prompt) + len(answer)
+        input_ids[i, :n] = torch.tensor(prompt + answer)
+        answer_mask[i, len(prompt) : n] = True
+        valid[i, :n] = True
+    return input_ids, answer_mask, valid
+
+
+def mask_answers(
+    input_ids: torch.Tensor,
+    answer_mask: torch.Tensor,
+    mask_id: int,
+    eps: float,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward process on answer tokens only. [B, L] -> noisy [B, L], masked [B, L], t [B]."""
+    b, n = input_ids.shape
+    u = torch.rand(b, generator=generator, device=input_ids.device)
+    t = (1 - eps) * u + eps  # [B]
+    draw = torch.rand(b, n, generator=generator, device=input_ids.device)
+    masked = (draw < t[:, None]) & answer_mask
+    return torch.where(masked, mask_id, input_ids), masked, t
+
+
+def padded_attention(valid: torch.Tensor):
+    """Bidirectional attention that ignores padding keys. valid: [B, L] bool."""
+    keep = valid[:, None, None, :]  # [B, 1, 1, L]
+
+    def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+    return attn
+
+
+def diffusion_loss(
+    model: LLaDAModel,
+    input_ids: torch.Tensor,
+    answer_mask: torch.Tensor,
+    valid: torch.Tensor,
+    mask_id: int,
+    eps: float = 1e-3,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """LLaDA SFT loss: sum over masked answer tokens of CE / t, / answer length, batch mean."""
+    noisy, masked, t = mask_answers(input_ids, answer_mask, mask_id, eps, generator)
+    hidden = model.forward_hidden(noisy, attn_fn=padded_attention(valid))  # [B, L, D]
+    # Logits only where the loss is taken: the LM head over all positions dominates memory.
+    logits = model.compute_logits(hidden[masked]).float()  # [M, V]
+    ce = F.cross_entropy(logits, input_ids[masked], reduction="none")  # [M]
+    row_weight = 1.0 / (t * answer_mask.sum(1))  # [B]
+    weight = row_weight[:, None].expand_as(masked)[masked]  # [M]
+    return (ce * weight).sum() / input_ids.shape[0]
+
+
+def init_weights(model: LLaDAModel, std: float = 0.02) -> None:
+    """Normal(0, std) for matrices, residual outputs scaled by 1/sqrt(2 * layers); norms at 1."""
+    n_layers = model.config.n_layers
+    for name, param in model.named_parameters():
+        if param.dim() < 2:
+            torch.nn.init.ones_(param)
+            continue
+        residual_out = ".blocks." in name and name.endswith(("attn_out.weight", "ff_out.weight"))
+        scale = 1 / math.sqrt(2 * n_layers) if residual_out else 1.0
+        torch.nn.init.normal_(param, std=std * scale)
+
+
+def build_model(shape: Shape, device: str) -> LLaDAModel:
+    cfg = LLaDAConfig.from_dict(llada_config(shape))
+    model = LLaDAModel(cfg)
+    init_weights(model)
+    return model.to(device)
+
+
+def current_max_len(step: int, cfg: TrainConfig) -> int:
+    """Curriculum: the longest context grows linearly to `max_len` over `curriculum_frac`."""
+    ramp = max(1, int(cfg.steps * cfg.curriculum_frac))
+    frac = min(1.0, step / ramp)
+    return int(cfg.min_len + frac * (cfg.max_len - cfg.min_len))
+
+
+def sample_batch(
+    rng: random.Random, step: int, cfg: TrainConfig, tok: Tokenizer, ids: TokenIds, count
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch: all-short tasks with probability `short_frac`, else long tasks at one length."""
+    if rng.random() < cfg.short_frac:
+        kinds, length = tasks.SHORT_TASKS, 0
+        size = max(1, cfg.batch_tokens // 64)
+    else:
+        kinds = tasks.LONG_TASKS
+        length = rng.randint(cfg.min_len, current_max_len(step, cfg)) - cfg.gen_len - 1
+        size = max(1, cfg.batch_tokens // (length + cfg.gen_len + 8))
+    examples = [
+        tasks.make_example(rng.choice(kinds), rng, max(8, length), count) for _ in range(size)
+    ]
+    return collate([encode_example(tok, e, ids, cfg.gen_len) for e in examples], ids.eos)
+
+
+@torch.no_grad()
+def greedy_answer(
+    model: LLaDAModel, tok: Tokenizer, prompt: list[int], ids: TokenIds, gen_len: int
+) -> str:
+    """Greedy LLaDA decoding of one canvas of `gen_len` (one block, one token per step)."""
+    x = torch.tensor([prompt], device=next(model.parameters()).device)
+    out = llada_generate(
+        model, x, steps=gen_len, gen_length=gen_len, block_length=gen_len, mask_id=ids.mask
+    )[0, len(prompt) :].tolist()
+    if ids.eos in out:
+        out = out[: out.index(ids.eos)]
+    return tok.decode(out)
+
+
+def evaluate(
+    model: LLaDAModel,
+    tok: Tokenizer,
+    ids: TokenIds,
+    cfg: TrainConfig,
+    length: int,
+    n: int,
+    seed: int,
+    device: str,
+) -> dict[str, float]:
+    """Greedy exact-match accuracy per task kind at prompt length `length`."""
+    model.eval()
+    examples = tasks.make_examples(n, seed, length, tasks.TASKS, token_counter(tok))
+    hits: dict[str, list[bool]] = {}
+    with _autocast(device):
+        for example in examples:
+            prompt, _ = encode_example(tok, example, ids, cfg.gen_len)
+            prediction = greedy_answer(model, tok, prompt, ids, cfg.gen_len)
+            hits.setdefault(example.kind, []).append(tasks.is_correct(prediction, example))
+    model.train()
+    return {kind: sum(h) / len(h) for kind, h in hits.items()}
+
+
+def _autocast(device: str):
+    """bfloat16 autocast on CUDA; a no-op elsewhere (CPU smoke runs stay in fp32)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warmup, then cosine decay to 10% of the peak."""
+
+    def scale(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return scale
+
+
+def save_checkpoint(
+    model: LLaDAModel, shape: Shape, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16
+) -> Path:
+    """Write config.json, generation_config.json, tokenizer files and model.safetensors."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in (
+        ("config.json", llada_config(shape)),
+        ("generation_config.json", generation_config("llada", shape)),
+    ):
+        (out / name).write_text(json.dumps(data, indent=2) + "\n")
+    write_tokenizer(out, "llada", shape.vocab, shape.max_len)
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def train(shape: Shape, cfg: TrainConfig, device: str, seed: int, log_every: int = 50):
+    """Run the training loop; returns the model (in train mode) and the tokenizer."""
+    cfg.validate(shape)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    tok = build_tokenizer("llada", shape.vocab)
+    ids, count = TokenIds.for_vocab(shape.vocab), token_counter(tok)
+    model = build_model(shape, device).train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+        weight_decay=0.0,
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    start = time.perf_counter()
+    for step in range(cfg.steps):
+        batch = [t.to(device) for t in sample_batch(rng, step, cfg, tok, ids, count)]
+        with _autocast(device):
+            loss = diffusion_loss(model, *batch, mask_id=ids.mask, eps=cfg.eps, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % log_every == 0 or step == cfg.steps - 1:
+            shape_str = "x".join(map(str, batch[0].shape))
+            elapsed = time.perf_counter() - start
+            print(f"step {step:5d} loss {loss.item():.4f} batch {shape_str} {elapsed:.0f}s")
+        if cfg.eval_every and step and step % cfg.eval_every == 0:
+            acc = evaluate(model, tok, ids, cfg, current_max_len(step, cfg) - 32, 12, step, device)
+            print(f"step {step:5d} greedy accuracy {acc}")
+    return model, tok
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
+    parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--max-len", type=int, default=None, help="longest training sequence")
+    parser.add_argument("--batch-tokens", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES), default="bfloat16")
+    parser.add_argument("--eval-lengths", type=int, nargs="*", default=None)
+    parser.add_argument("--log-every", type=int, default=50)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    shape, cfg = PRESETS[args.preset]
+    overrides = {"steps": args.steps, "max_len": args.max_len, "lr": args.lr}
+    overrides["batch_tokens"] = args.batch_tokens
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if cfg.min_len > cfg.max_len:
+        cfg = dataclasses.replace(cfg, min_len=cfg.max_len)
+    model, tok = train(shape, cfg, args.device, args.seed, args.log_every)
+    ids = TokenIds.for_vocab(shape.vocab)
+    for length in args.eval_lengths or [cfg.min_len, cfg.max_len - cfg.gen_len - 1]:
+        acc = evaluate(model, tok, ids, cfg, length, cfg.eval_examples, 10_000, args.device)
+        mean = sum(acc.values()) / len(acc)
+        print(f"final greedy accuracy at {length} tokens: {mean:.3f} {acc}")
+    out = save_checkpoint(model, shape, args.out, SAVE_DTYPES[args.save_dtype])
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
