@@ -79,3 +79,19 @@ class SparsedOracle:
         if layer == 0:
             self.stages.append(stage)
         return out[None]
+
+
+def llada_oracle_generate(model, mask_id: int, prompt: list[int], scale: float | None = None):
+    """The reference LLaDA loop with this SparseD: 32 tokens, 32 steps, blocks of 8, skip 0.2,
+    select 0.3, tiles of 16. Returns (generated tokens, the oracle that ran)."""
+    from sparsed_vllm.reference.generate import llada_generate
+
+    oracle = SparsedOracle(model.config.num_hidden_layers, 32, 32, 0.2, 0.3, 16, scale=scale)
+    model.attn_fn, default = oracle, model.attn_fn
+    try:
+        out = llada_generate(
+            model, torch.tensor([prompt]), steps=32, gen_length=32, block_length=8, mask_id=mask_id
+        )
+    finally:
+        model.attn_fn = default
+    return out[0, len(prompt) :].tolist(), oracle

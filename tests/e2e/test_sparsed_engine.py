@@ -3,7 +3,7 @@
 import pytest
 import torch
 from engines import generate_ids
-from sparsed_oracle import SparsedOracle
+from sparsed_oracle import SparsedOracle, llada_oracle_generate
 from vllm import EngineArgs, LLMEngine, SamplingParams
 from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import RequestOutputKind
@@ -33,18 +33,6 @@ def dream_params(extra, gen=32):
     )
 
 
-def run_llada_oracle(model, mask, prompt, skip=0.2, select=0.3, block_size=16):
-    oracle = SparsedOracle(model.config.num_hidden_layers, 32, 32, skip, select, block_size)
-    model.attn_fn, default = oracle, model.attn_fn
-    try:
-        out = llada_generate(
-            model, torch.tensor([prompt]), steps=32, gen_length=32, block_length=8, mask_id=mask
-        )
-    finally:
-        model.attn_fn = default
-    return out[0, len(prompt) :].tolist(), oracle
-
-
 def test_all_tiles_kept_is_exactly_dense(llada_llm, dream_llm):
     keep_all = {**SPARSE, "sparsed_select": 1.0}
     prompts = [PROMPT_37, PROMPT_5]
@@ -56,7 +44,7 @@ def test_all_tiles_kept_is_exactly_dense(llada_llm, dream_llm):
 @pytest.mark.parametrize("prompt", [PROMPT_37, PROMPT_5], ids=["P37-partial-tile", "P5"])
 def test_llada_sparsed_equals_reference_sparsed(llada_llm, llada_tiny, llada_mask, prompt):
     got = generate_ids(llada_llm, [prompt], llada_params(SPARSE))[0]
-    expected, oracle = run_llada_oracle(llada_tiny, llada_mask, prompt)
+    expected, oracle = llada_oracle_generate(llada_tiny, llada_mask, prompt)
     assert oracle.stages == ["dense"] * 7 + ["select"] + ["sparse"] * 24
     assert got == expected
     dense = generate_ids(llada_llm, [prompt], llada_params({"sparsed": False}))[0]

@@ -9,12 +9,10 @@ One TP=2 engine per model for this module (about 2 GB and 30-60 s to start each)
 import math
 
 import pytest
-import torch
 from engines import generate_ids, make_llm
-from sparsed_oracle import SparsedOracle
+from sparsed_oracle import llada_oracle_generate
 from vllm import LLM, SamplingParams
 
-from sparsed_vllm.reference.generate import llada_generate
 from sparsed_vllm.testing import rank_probe
 
 TP = 2
@@ -79,16 +77,9 @@ def dream_batch(extra):
 
 
 def run_llada_oracle(model, mask, prompt, scale):
-    oracle = SparsedOracle(model.config.num_hidden_layers, 32, 32, 0.2, 0.3, 16, scale=scale)
-    model.attn_fn, default = oracle, model.attn_fn
-    try:
-        out = llada_generate(
-            model, torch.tensor([prompt]), steps=32, gen_length=32, block_length=8, mask_id=mask
-        )
-    finally:
-        model.attn_fn = default
+    tokens, oracle = llada_oracle_generate(model, mask, prompt, scale)
     assert oracle.stages == ["dense"] * 7 + ["select"] + ["sparse"] * 24
-    return out[0, len(prompt) :].tolist()
+    return tokens
 
 
 def test_llada_tp2_dense_equals_tp1(llada_tp2, llada_llm):
