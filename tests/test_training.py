@@ -141,7 +141,8 @@ def test_smoke_training_writes_loadable_checkpoint(tmp_path, smoke_parts):
 
     shape, cfg, _, ids = smoke_parts
     cfg = train.dataclasses.replace(cfg, steps=6)
-    model, _ = train.train(shape, cfg, "cpu", seed=0, log_every=100)
+    model, _, steps = train.train(shape, cfg, "cpu", seed=0, log_every=100)
+    assert steps == 6
     out = train.save_checkpoint(model, shape, tmp_path / "ckpt", dtype=torch.float32)
 
     loaded = LLaDAModel.from_pretrained(out)

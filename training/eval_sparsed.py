@@ -5,8 +5,9 @@
 Every request is greedy LLaDA decoding of one `gen_len` canvas (`steps = block_length =
 gen_len`). Dense requests send `sparsed: false`; SparseD requests send `sparsed: true` (which
 forces it below the plugin's `min_seq_len`) with their `sparsed_skip`, `sparsed_select` and
-`sparsed_block_size`. Prints a markdown table: exact-match accuracy per configuration and length,
-and in brackets the fraction of answers identical to dense.
+`sparsed_block_size`. Prints markdown tables (all examples, then each task): exact-match
+accuracy per configuration and length, and in brackets the fraction of answers identical to
+dense.
 """
 
 from __future__ import annotations
@@ -42,13 +43,32 @@ def configurations(block_size: int) -> list[tuple[str, dict | None]]:
     return [("dense", None), *grid]
 
 
-def markdown_table(lengths: list[int], rows: dict[str, dict[int, tuple[float, float]]]) -> str:
+def markdown_table(lengths: list[int], rows: dict[str, dict[int, dict]], kind: str = "all") -> str:
+    """Accuracy of `kind` ("all" = every example) per configuration and length, and in
+    brackets the fraction of answers identical to dense."""
     header = "| config | " + " | ".join(f"{n} tokens" for n in lengths) + " |"
     lines = [header, "|---|" + "---|" * len(lengths)]
     for label, by_length in rows.items():
-        cells = [f"{by_length[n][0]:.3f} ({by_length[n][1]:.2f})" for n in lengths]
+        cells = []
+        for n in lengths:
+            accuracy, agreement = by_length[n][kind]
+            cells.append(f"{accuracy:.3f} ({agreement:.2f})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def score(texts: list[str], dense: list[str], examples: list) -> dict[str, tuple[float, float]]:
+    """{kind or "all": (exact-match accuracy, fraction identical to dense)}."""
+    groups: dict[str, list[int]] = {"all": list(range(len(examples)))}
+    for i, example in enumerate(examples):
+        groups.setdefault(example.kind, []).append(i)
+    return {
+        kind: (
+            sum(tasks.is_correct(texts[i], examples[i]) for i in idx) / len(idx),
+            sum(texts[i] == dense[i] for i in idx) / len(idx),
+        )
+        for kind, idx in groups.items()
+    }
 
 
 def main() -> None:
@@ -57,25 +77,41 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--n", type=int, default=100, help="examples per task and length")
     parser.add_argument("--kinds", nargs="+", default=list(tasks.LONG_TASKS))
-    parser.add_argument("--gen-len", type=int, default=16)
+    parser.add_argument("--gen-len", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=128, help="SparseD tile size")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--seed", type=int, default=12345)
     parser.add_argument("--json-out", default=None, help="also write the results here")
+    parser.add_argument(
+        "--batch-tokens", type=int, default=65536, help="tokens per engine step (all requests)"
+    )
+    parser.add_argument(
+        "--gpu-bundle",
+        action="store_true",
+        help="engine options for scripts/gpu_vllm_run.sh (torch ops, not vLLM compiled ones)",
+    )
     args = parser.parse_args()
 
     model = Path(args.model)
     tok = Tokenizer.from_file(str(model / "tokenizer.json"))
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     ids = TokenIds.for_vocab(vocab)
+    max_model_len = max(args.lengths) + 2 * args.gen_len + 64
+    extra_engine = {}
+    if args.gpu_bundle:
+        extra_engine = {"compilation_config": {"custom_ops": ["none"]}}
+        extra_engine["gpu_memory_utilization"] = 0.5
     llm = LLM(
         model=str(model),
         dtype=args.dtype,
-        max_model_len=max(args.lengths) + 2 * args.gen_len + 64,
+        max_model_len=max_model_len,
+        max_num_batched_tokens=max(args.batch_tokens, 2 * max_model_len),
+        max_num_seqs=256,
         enforce_eager=True,
         seed=0,
+        **extra_engine,
     )
-    rows: dict[str, dict[int, tuple[float, float]]] = {}
+    rows: dict[str, dict[int, dict]] = {}
     for length in args.lengths:
         examples = tasks.make_examples(
             args.n * len(args.kinds), args.seed + length, length, args.kinds, token_counter(tok)
@@ -88,15 +124,19 @@ def main() -> None:
             outputs = llm.generate(prompts, sampling_params(args.gen_len, sparsed), use_tqdm=False)
             texts = [o.outputs[0].text for o in outputs]
             dense = dense or texts
-            accuracy = sum(map(tasks.is_correct, texts, examples)) / len(examples)
-            agreement = sum(a == b for a, b in zip(texts, dense, strict=True)) / len(examples)
-            rows.setdefault(label, {})[length] = (accuracy, agreement)
+            scores = score(texts, dense, examples)
+            rows.setdefault(label, {})[length] = scores
             print(
-                f"{length} tokens, {label}: accuracy {accuracy:.3f}, same as dense {agreement:.2f}"
+                f"{length} tokens, {label}: "
+                + ", ".join(
+                    f"{kind} {acc:.3f} ({agree:.2f})" for kind, (acc, agree) in scores.items()
+                )
             )
-    print(markdown_table(args.lengths, rows))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(rows, indent=2) + "\n")
+            if args.json_out:  # after every configuration, so a cut-short run keeps its part
+                Path(args.json_out).write_text(json.dumps(rows, indent=2) + "\n")
+    for kind in ["all", *args.kinds]:
+        print(f"\n{kind}: accuracy (same answer as dense)\n")
+        print(markdown_table(args.lengths, rows, kind))
 
 
 if __name__ == "__main__":
