@@ -69,8 +69,13 @@ def _code(rng: random.Random) -> str:
     return "".join(rng.choice(_LETTERS) for _ in range(3)) + f"-{rng.randint(100, 999)}"
 
 
-def _number(rng: random.Random, digits: int) -> str:
-    return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+def _value(rng: random.Random, words: int) -> str:
+    """A value of `words` words from `_WORDS`, e.g. `tea robot map`.
+
+    Values are words, not digits: with the project tokenizer a number splits into merged digit
+    pieces of varying length, and a 5.6M-parameter model trained for a few minutes learned to
+    copy words from 4k tokens back but not those pieces (passkey and kv stayed at 0%)."""
+    return " ".join(rng.choice(_WORDS) for _ in range(words))
 
 
 def _fill(
@@ -98,8 +103,8 @@ def _prompt(context: Sequence[str], question: str) -> str:
 
 
 def passkey(rng: random.Random, length: int, count: TokenCounter = approx_tokens) -> Example:
-    """A 5-digit passkey at a random depth in distractor sentences of about `length` tokens."""
-    key = _number(rng, 5)
+    """A 3-word passkey at a random depth in distractor sentences of about `length` tokens."""
+    key = _value(rng, 3)
     needle = f"The passkey is {key}. Remember it."
     question = "What is the passkey?"
     budget = length - count(needle + "\n" + question + ANSWER_PREFIX)
@@ -115,10 +120,10 @@ def _distinct_codes(rng: random.Random, n: int) -> list[str]:
 
 
 def kv(rng: random.Random, length: int, count: TokenCounter = approx_tokens) -> Example:
-    """`key: value` lines filling about `length` tokens; ask for one key's 4-digit value."""
-    line_tokens = max(1, count(f"{_code(rng)}: {_number(rng, 4)}\n"))
+    """`key: value` lines filling about `length` tokens; ask for one key's 2-word value."""
+    line_tokens = max(1, count(f"{_code(rng)}: {_value(rng, 2)}\n"))
     keys = _distinct_codes(rng, max(2, length // line_tokens))
-    values = [_number(rng, 4) for _ in keys]
+    values = [_value(rng, 2) for _ in keys]
     target = rng.randrange(len(keys))
     question = f"What is the value of {keys[target]}?"
     budget = length - count(question + ANSWER_PREFIX)
@@ -132,18 +137,18 @@ def kv(rng: random.Random, length: int, count: TokenCounter = approx_tokens) -> 
 
 
 def two_hop(rng: random.Random, length: int, count: TokenCounter = approx_tokens) -> Example:
-    """Keys point to other keys (`A -> B`) or to numbers (`B = 1234`); ask for A's number."""
-    pair = count(f"{_code(rng)} -> {_code(rng)}\n") + count(f"{_code(rng)} = {_number(rng, 4)}\n")
+    """Keys point to other keys (`A -> B`) or to values (`B = tea map`); ask for A's value."""
+    pair = count(f"{_code(rng)} -> {_code(rng)}\n") + count(f"{_code(rng)} = {_value(rng, 2)}\n")
     n = max(4, int(2 * length / max(1, pair))) // 2 * 2
     codes = _distinct_codes(rng, n)
     pointers, holders = codes[: n // 2], codes[n // 2 :]
     rng.shuffle(holders)
-    values = {h: _number(rng, 4) for h in holders}
+    values = {h: _value(rng, 2) for h in holders}
     lines = [f"{a} -> {b}" for a, b in zip(pointers, holders, strict=True)]
     lines += [f"{h} = {values[h]}" for h in holders]
     rng.shuffle(lines)
     start = rng.randrange(len(pointers))
-    question = f"What number does {pointers[start]} lead to?"
+    question = f"What value does {pointers[start]} lead to?"
     return Example("two_hop", _prompt(lines, question), values[holders[start]])
 
 
