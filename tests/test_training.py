@@ -161,3 +161,47 @@ def test_smoke_training_writes_loadable_checkpoint(tmp_path, smoke_parts):
     with torch.no_grad():
         logits = loaded(torch.tensor([prompt + canvas]))
     assert logits.shape == (1, len(prompt) + 16, shape.vocab) and torch.isfinite(logits).all()
+
+
+def test_balanced_loss_weights_eos_padding_as_one_token(smoke_parts):
+    shape, _, tok, ids = smoke_parts
+    torch.manual_seed(0)
+    model = train.build_model(shape, "cpu")
+    input_ids, answer_mask, valid = _batch(tok, ids)
+    loss = train.diffusion_loss(
+        model, input_ids, answer_mask, valid, ids.mask, 1e-3,
+        torch.Generator().manual_seed(3), "balanced", ids.eos,
+    )  # fmt: skip
+    # The same masks, then a per-token loop: answer tokens weigh 1, each of a row's n EOS 1/n.
+    noisy, masked, _ = train.mask_answers(
+        input_ids, answer_mask, ids.mask, 1e-3, torch.Generator().manual_seed(3)
+    )
+    with torch.no_grad():
+        logp = model(noisy, attn_fn=train.padded_attention(valid)).float().log_softmax(-1)
+    total = weights = 0.0
+    for b in range(input_ids.shape[0]):
+        n_eos = int(((input_ids[b] == ids.eos) & answer_mask[b]).sum())
+        for i in masked[b].nonzero().flatten().tolist():
+            w = 1.0 / n_eos if input_ids[b, i] == ids.eos else 1.0
+            total += -w * logp[b, i, input_ids[b, i]].item()
+            weights += w
+    assert masked.any() and abs(loss.item() - total / weights) < 1e-4 * (total / weights)
+    with pytest.raises(ValueError, match="eos_id"):
+        train.diffusion_loss(model, input_ids, answer_mask, valid, ids.mask, weighting="balanced")
+
+
+def test_batches_depend_on_step_only_and_full_masking(smoke_parts):
+    shape, cfg, _, _ = smoke_parts
+    batches = train.Batches(cfg, shape.vocab, seed=5)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=2)
+    for step, batch in enumerate(loader):
+        for a, b in zip(batch, batches[step], strict=True):
+            assert torch.equal(a, b)
+        if step == 3:
+            break
+    assert not torch.equal(batches[0][0], train.Batches(cfg, shape.vocab, seed=6)[0][0])
+    full = train.Batches(train.dataclasses.replace(cfg, full_mask_frac=1.0), shape.vocab, 5)[2]
+    input_ids, answer_mask, valid = full
+    assert torch.equal(answer_mask[:, 1:], valid[:, 1:]) and not answer_mask[:, 0].any()
+    none = train.Batches(train.dataclasses.replace(cfg, full_mask_frac=0.0), shape.vocab, 5)[2]
+    assert (none[1].sum(1) == cfg.gen_len).all()

@@ -3,8 +3,8 @@
 Every generator is a pure function of a `random.Random`: the same seed gives the same examples.
 Long tasks take a target prompt length in tokens; the length is measured with `count_tokens`
 (the model's tokenizer in training, a 4-characters-per-token estimate by default), piece by piece,
-so it is approximate (a few tokens). Answers are short (<= 16 tokens with the project tokenizer)
-and checked by exact string match after stripping whitespace.
+so it is approximate (a few tokens). Answers are short (<= 7 tokens with the project tokenizer
+at vocab 1024) and checked by exact string match after stripping whitespace.
 
 Prompt layout: `<context>\n<question>\nAnswer:`; the answer follows as ` <answer>`.
 """

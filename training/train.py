@@ -3,11 +3,12 @@
     python training/train.py --preset h100 --device cuda --out ckpt/llada-retrieval
     python training/train.py --preset smoke --out /tmp/llada-smoke          # CPU, seconds
 
-Objective (LLaDA SFT): the prompt stays clean; every answer token (the answer, then EOS up to
-`gen_len`) is masked with probability t ~ U(eps, 1), drawn per sequence; the loss is the
-cross-entropy on masked tokens weighted 1/t, summed per sequence, divided by its answer length,
-averaged over the batch. Sequences in a batch share one sampled context length (a curriculum
-grows it to `--max-len`) and are right-padded; padding is masked out of attention as keys.
+Objective: every answer token (the answer, then EOS up to `gen_len`) is masked with probability
+t ~ U(eps, 1), drawn per sequence; the prompt stays clean except in a `full_mask_frac` share of
+sequences (LLaDA's pretraining objective). The loss is set by `weighting` (see `diffusion_loss`:
+LLaDA's SFT weighting, or `balanced`, which the `h100` preset uses). Sequences in a batch share
+one sampled context length (a curriculum grows it to `--max-len`) and are right-padded; padding
+is masked out of attention as keys.
 
 The output directory is a LLaDA checkpoint in the project's layout (config.json, generation
 config, tokenizer from `sparsed_vllm.checkpoint`) with weights saved by the real tensor names.
