@@ -18,7 +18,7 @@ from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from sparsed_vllm.core.params import DREAM, LLADA, diffusion_defaults, family_of, resolve_params
 from sparsed_vllm.core.sparsed import SparsedConfig, resolve_sparsed
-from sparsed_vllm.vllm_glue.serving import install_strict_max_tokens
+from sparsed_vllm.vllm_glue.serving import install_canvas_length_check, install_strict_max_tokens
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so it shares its handlers
 
@@ -172,6 +172,7 @@ class DiffusionLMConfig(VerifyAndUpdateConfig):
             processors.append(validator)
         model_config.logits_processors = processors
         install_strict_max_tokens()
+        install_canvas_length_check()
         logger.info(
             "sparsed-vllm: diffusion decoding for %s (worker %s, scheduler %s)",
             model_config.architecture,

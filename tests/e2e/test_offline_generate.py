@@ -148,14 +148,20 @@ def test_invalid_requests_raise_naming_the_value(llada_llm, kwargs, message):
     assert isinstance(info.value.__cause__, ValueError)
 
 
-def test_too_long_request_finishes_with_error_and_engine_keeps_serving(llada_llm):
+def test_too_long_request_is_refused_and_engine_keeps_serving(llada_llm):
     max_model_len = llada_llm.llm_engine.vllm_config.model_config.max_model_len
     params = SamplingParams(max_tokens=16, temperature=0)
-    long_prompt = list(range(1, max_model_len - 8))
-    outs = llada_llm.generate(token_prompts([long_prompt, [1, 2, 3]]), params, use_tqdm=False)
-    assert outs[0].outputs[0].finish_reason == "error"
-    assert list(outs[0].outputs[0].token_ids) == []
-    assert len(outs[1].outputs[0].token_ids) > 0
+    long_prompt = list(range(1, max_model_len - 8))  # fits alone, not with its 16-token canvas
+    with pytest.raises(VLLMValidationError) as info:
+        llada_llm.generate(token_prompts([[1, 2, 3], long_prompt]), params, use_tqdm=False)
+    message = str(info.value)
+    assert f"prompt ({len(long_prompt)} tokens) + max_tokens (16)" in message
+    assert f"exceeds the model length {max_model_len}" in message
+    # A canvas that fits exactly is served; the refused batch left nothing behind.
+    fits = list(range(1, max_model_len - 16 + 1))
+    outs = llada_llm.generate(token_prompts([fits, [1, 2, 3]]), params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) > 0 for o in outs] == [True, True]
+    assert llada_llm.llm_engine.get_num_unfinished_requests() == 0
 
 
 def test_text_prompt_detokenizes_and_stops_at_stop_token(llada_llm):
