@@ -2,15 +2,19 @@
 dense vs SparseD throughput at long lengths. Run it through scripts/gpu_vllm_run.sh.
 
     bash scripts/gpu_vllm_run.sh scripts/gpu_vllm_e2e.py --out out [--lengths 8192,16384,32768]
+    # the full 32-layer model, a whole generation (T=128), random weights made by vLLM:
+    bash scripts/gpu_vllm_run.sh scripts/gpu_vllm_e2e.py --out out --skip-exact --layers 32 \
+        --dummy-weights --steps 128 --lengths 8192,16384
 
 1. Exactness (fp32, small LLaDA checkpoint): vLLM on the GPU against the reference generate loop
    on the CPU, greedy; dense, and SparseD (block 16, select 0.3, skip 0.2) against the reference
    running tests/e2e/sparsed_oracle.py's attention.
 2. Speed (bf16, LLaDA-8B layer shape with `--layers` layers, random weights): one request per
-   total length L, prompt L - 256, 256 tokens in one block, 32 steps (SparseD: 7 dense, 1
-   selection, 24 sparse steps at block 128, select 0.3). Wall time of `LLM.generate` for the
-   request, second of two runs. bf16 dense tokens are also compared with the reference model run
-   in bf16 on the GPU (agreement, not equality: bf16 kernels round differently).
+   total length L, prompt L - gen, `--gen` (256) tokens in one block, `--steps` (32) steps
+   (SparseD at 32 steps: 7 dense, 1 selection, 24 sparse steps at block 128, select 0.3). Wall
+   time of `LLM.generate` for the request, second of two runs. bf16 dense tokens are also
+   compared with the reference model run in bf16 on the GPU (agreement, not equality: bf16
+   kernels round differently; skipped with `--dummy-weights`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [list(range(3, 40)), [11, 12, 13, 14, 15]]
 SPARSE_SMALL = {"sparsed": True, "sparsed_block_size": 16, "sparsed_select": 0.3}
-GEN, STEPS = 256, 32
 
 
 def write_checkpoint(out: Path, *args: str) -> subprocess.Popen:
@@ -111,30 +114,43 @@ def check_exact(small: Path, report: dict) -> None:
     print(f"fp32 exactness: dense {dense == dense_ref}, SparseD {sparse == sparse_ref}", flush=True)
 
 
-def bench(full: Path, lengths: list[int], report: dict, ref_device: str) -> None:
+def bench(
+    full: Path,
+    lengths: list[int],
+    report: dict,
+    ref_device: str,
+    gen: int = 256,
+    steps: int = 32,
+    dummy: bool = False,
+) -> None:
+    extra_engine = {"load_format": "dummy"} if dummy else {}
     llm = make_llm(
-        full, "bfloat16", max(lengths), additional_config={"sparsed": {"min_seq_len": 0}}
+        full,
+        "bfloat16",
+        max(lengths),
+        additional_config={"sparsed": {"min_seq_len": 0}},
+        **extra_engine,
     )
     config = json.loads((full / "config.json").read_text())
     high = min(config["vocab_size"], config["mask_token_id"])  # ordinary tokens only
     g = torch.Generator().manual_seed(0)
     rows = []
     for length in lengths:
-        prompt = torch.randint(0, high, (length - GEN,), generator=g).tolist()
+        prompt = torch.randint(0, high, (length - gen,), generator=g).tolist()
         for mode in ("dense", "sparsed"):
             extra = {"sparsed": mode == "sparsed"}
             times = []
             for _ in range(2):
                 torch.cuda.synchronize() if torch.cuda.is_initialized() else None
                 start = time.perf_counter()
-                ids = generate_ids(llm, [prompt], extra, GEN, STEPS, GEN)[0]
+                ids = generate_ids(llm, [prompt], extra, gen, steps, gen)[0]
                 times.append(time.perf_counter() - start)
             row = {
                 "L": length,
                 "mode": mode,
                 "wall_s": times,
-                "step_ms": 1e3 * times[-1] / STEPS,
-                "tok_per_s": GEN / times[-1],
+                "step_ms": 1e3 * times[-1] / steps,
+                "tok_per_s": gen / times[-1],
                 "ids": ids,
             }
             rows.append(row)
@@ -144,16 +160,18 @@ def bench(full: Path, lengths: list[int], report: dict, ref_device: str) -> None
                 flush=True,
             )
         dense, sparse = rows[-2]["ids"], rows[-1]["ids"]
-        rows[-1]["agree_with_dense"] = sum(a == b for a, b in zip(dense, sparse, strict=True)) / GEN
+        rows[-1]["agree_with_dense"] = sum(a == b for a, b in zip(dense, sparse, strict=True)) / gen
     llm.llm_engine.engine_core.shutdown()
     del llm
     report["bench"] = rows
+    if dummy:  # vLLM's random weights exist only inside the engine: no reference to compare
+        return
     # bf16 agreement with the reference model on the GPU at the shortest length.
     first = rows[0]
-    prompt = torch.randint(0, high, (lengths[0] - GEN,), generator=torch.Generator().manual_seed(0))
-    ref = reference_ids(full, prompt.tolist(), GEN, STEPS, GEN, torch.bfloat16, ref_device)
+    prompt = torch.randint(0, high, (lengths[0] - gen,), generator=torch.Generator().manual_seed(0))
+    ref = reference_ids(full, prompt.tolist(), gen, steps, gen, torch.bfloat16, ref_device)
     report["bf16_dense_agreement"] = (
-        sum(a == b for a, b in zip(ref, first["ids"], strict=True)) / GEN
+        sum(a == b for a, b in zip(ref, first["ids"], strict=True)) / gen
     )
     print(
         f"bf16 dense vs reference (GPU, bf16) at L={lengths[0]}: "
@@ -171,6 +189,14 @@ def main() -> None:
     parser.add_argument("--preset", default="full", help="shape of the speed checkpoint")
     parser.add_argument("--ref-device", default="cuda")
     parser.add_argument("--skip-exact", action="store_true")
+    parser.add_argument("--gen", type=int, default=256, help="canvas length (one block)")
+    parser.add_argument("--steps", type=int, default=32, help="denoising steps")
+    parser.add_argument(
+        "--dummy-weights",
+        action="store_true",
+        help="write no weights; vLLM makes random ones (load_format=dummy): full 32-layer "
+        "shapes start in seconds; no bf16 reference comparison",
+    )
     args = parser.parse_args()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,6 +214,7 @@ def main() -> None:
         str(max(lengths)),
         "--dtype",
         "bfloat16",
+        *(["--no-weights"] if args.dummy_weights else []),
     )
     report: dict = {"device": None, "torch": torch.__version__, "argv": sys.argv[1:]}
     if not args.skip_exact:
@@ -196,7 +223,7 @@ def main() -> None:
     if writer.wait():
         raise SystemExit("writing the large checkpoint failed")
     print(f"checkpoints ready after {time.perf_counter() - t0:.0f} s", flush=True)
-    bench(full, lengths, report, args.ref_device)
+    bench(full, lengths, report, args.ref_device, args.gen, args.steps, args.dummy_weights)
     report["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     (out / "gpu_vllm_e2e.json").write_text(json.dumps(report, indent=1))
     print(f"device {report['device']}")

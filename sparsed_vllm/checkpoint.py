@@ -353,12 +353,16 @@ def write_checkpoint(
     seed: int = 0,
     dtype: torch.dtype | str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    weights: bool = True,
     **overrides: int | None,
 ) -> Path:
     """Write a checkpoint dir for `arch` ("llada" | "dream"); returns its path.
 
     overrides: layers, hidden, heads, kv_heads, intermediate, vocab, max_len.
     dtype: float32 by default, bfloat16 for the `full` preset.
+    weights=False writes everything but the weights: for engines started with vLLM's
+    `load_format="dummy"` (random weights made on the device; seconds instead of minutes for the
+    full shapes, for speed measurements).
     """
     shape = resolve_shape(arch, preset, **overrides)
     dtype = _resolve_dtype(dtype, preset)
@@ -372,7 +376,8 @@ def write_checkpoint(
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", generation_config(arch, shape))
     write_tokenizer(out, arch, shape.vocab, shape.max_len)
-    write_weights(out, TENSOR_SPECS[arch](shape), seed, dtype, max_shard_bytes)
+    if weights:
+        write_weights(out, TENSOR_SPECS[arch](shape), seed, dtype, max_shard_bytes)
     return out
 
 
@@ -399,6 +404,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     parser.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES)
+    parser.add_argument(
+        "--no-weights",
+        action="store_true",
+        help="config, generation config and tokenizer only (serve with --load-format dummy)",
+    )
     return parser.parse_args(argv)
 
 
@@ -411,6 +421,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         dtype=args.dtype,
         max_shard_bytes=args.max_shard_bytes,
+        weights=not args.no_weights,
         layers=args.layers,
         hidden=args.hidden,
         heads=args.heads,

@@ -448,3 +448,13 @@ def test_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert cfg.mask_token_id == 512 - 4
     logits = model(torch.tensor([[1, 2, 3]]))
     assert logits.shape == (1, 3, 512) and torch.isfinite(logits).all()
+
+
+def test_no_weights_writes_config_and_tokenizer_only(tmp_path):
+    out = write_checkpoint(tmp_path / "c", "llada", preset="full", layers=2, weights=False)
+    names = sorted(p.name for p in out.iterdir())
+    assert "config.json" in names and "tokenizer.json" in names
+    assert not [n for n in names if "safetensors" in n]
+    assert json.loads((out / "config.json").read_text())["n_layers"] == 2
+    main(["--arch", "dream", "--out", str(tmp_path / "d"), "--no-weights"])
+    assert not list((tmp_path / "d").glob("*.safetensors"))

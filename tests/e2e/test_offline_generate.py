@@ -232,3 +232,21 @@ def test_each_step_is_one_denoising_step_and_blocks_stream(stepped_engine):
     assert again == [t for _, c in chunks for t in c]
     # The aborted request's worker state is gone.
     assert engine.collective_rpc(_runner_request_ids)[0] == []
+
+
+def test_dummy_load_format_serves_a_weightless_checkpoint(tmp_path):
+    """`load_format="dummy"` (vLLM's random weights, for speed runs) works with the plugin."""
+    from engines import make_llm
+
+    from sparsed_vllm.checkpoint import write_checkpoint
+
+    out = write_checkpoint(tmp_path / "ckpt", "llada", preset="tiny", weights=False)
+    llm = make_llm(out, load_format="dummy")
+    try:
+        params = SamplingParams(
+            max_tokens=16, temperature=0, ignore_eos=True, extra_args={"steps": 8}
+        )
+        ids = generate_ids(llm, [[5, 6, 7]], params)[0]
+        assert len(ids) == 16
+    finally:
+        llm.llm_engine.engine_core.shutdown()
