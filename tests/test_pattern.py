@@ -7,6 +7,7 @@ import torch
 
 from sparsed_vllm.core.pattern import (
     TilePattern,
+    block_sparse_attention_gather,
     block_sparse_attention_ref,
     default_scale,
     dense_attention_ref,
@@ -136,3 +137,25 @@ def test_sparse_attention_softmax_over_kept_keys_only():
     scores = torch.einsum("lhd,nhd->hln", q, k[32:64].expand(-1, 2, -1)) * 0.5
     want = torch.einsum("hln,nhd->lhd", scores.softmax(-1), v[32:64].expand(-1, 2, -1))
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "seq_len,n_heads,n_kv,bs", [(1, 2, 1, 16), (70, 4, 2, 32), (257, 2, 2, 32), (300, 3, 1, 64)]
+)
+def test_gather_path_equals_reference_on_random_patterns(seq_len, n_heads, n_kv, bs):
+    q, k, v = _qkv(seq_len, n_heads, n_kv, 16, seed=seq_len)
+    nb = math.ceil(seq_len / bs)
+    g = torch.Generator().manual_seed(seq_len)
+    mask = torch.rand(n_heads, nb, nb, generator=g) < 0.4  # uneven counts per head and tile
+    mask[..., torch.arange(nb), torch.arange(nb)] = True  # at least one tile per row
+    for pattern in (
+        TilePattern.from_dense_mask(mask, bs, seq_len),
+        TilePattern.full(n_heads, seq_len, bs),
+    ):
+        want = block_sparse_attention_ref(q, k, v, pattern, 0.3)
+        got = block_sparse_attention_gather(q, k, v, pattern, 0.3)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    full = block_sparse_attention_gather(q, k, v, TilePattern.full(n_heads, seq_len, bs), 0.3)
+    torch.testing.assert_close(full, dense_attention_ref(q, k, v, 0.3), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="pattern is for"):
+        block_sparse_attention_gather(q[:-1], k[:-1], v[:-1], pattern, 0.3)

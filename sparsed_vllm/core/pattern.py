@@ -27,6 +27,7 @@ import torch
 __all__ = [
     "PackedTilePattern",
     "TilePattern",
+    "block_sparse_attention_gather",
     "block_sparse_attention_ref",
     "default_scale",
     "dense_attention_ref",
@@ -255,6 +256,45 @@ def block_sparse_attention_ref(
     if pattern.seq_len != q.shape[0]:
         raise ValueError(f"pattern is for {pattern.seq_len} tokens, q has {q.shape[0]}")
     return _masked_attention(q, k, v, tile_mask_to_token_mask(pattern), scale)
+
+
+def block_sparse_attention_gather(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: TilePattern, scale: float
+) -> torch.Tensor:
+    """Block-sparse attention that touches only the kept key tiles (the engine's CPU path).
+
+    Same result as `block_sparse_attention_ref` up to rounding, in q's dtype, but its work and
+    memory scale with the kept fraction: per query tile, every head's kept key tiles are gathered
+    (padded to the widest head, padding masked) and attended in one SDPA call. The reference
+    instead builds the full `[Hq, L, L]` score matrix (8.6 GB at 8k tokens and 32 heads).
+    q: `[L, Hq, D]`, k/v: `[L, Hkv, D]` -> `[L, Hq, D]`.
+    """
+    _check_sequence(q, k)
+    seq_len, n_heads, _ = q.shape
+    if pattern.seq_len != seq_len:
+        raise ValueError(f"pattern is for {pattern.seq_len} tokens, q has {seq_len}")
+    bs = pattern.block_size
+    keys = _expand_kv(k, n_heads).transpose(0, 1)  # [Hq, L, D]
+    values = _expand_kv(v, n_heads).transpose(0, 1)
+    queries = q.transpose(0, 1)  # [Hq, L, D]
+    out = torch.empty_like(queries)
+    offsets = torch.arange(bs, device=q.device)
+    heads = torch.arange(n_heads, device=q.device)[:, None]
+    for i in range(pattern.kv_indices.shape[1]):
+        width = max(int(pattern.kv_counts[:, i].max()), 1)
+        tiles = pattern.kv_indices[:, i, :width].long()  # [Hq, K], -1 padded
+        tokens = (tiles.clamp(min=0)[..., None] * bs + offsets).flatten(1)  # [Hq, K * bs]
+        valid = (tiles[..., None] >= 0).expand(-1, -1, bs).flatten(1) & (tokens < seq_len)
+        tokens = tokens.clamp(max=seq_len - 1)
+        rows = slice(i * bs, min((i + 1) * bs, seq_len))
+        out[:, rows] = torch.nn.functional.scaled_dot_product_attention(
+            queries[:, rows],
+            keys[heads, tokens],
+            values[heads, tokens],
+            attn_mask=valid[:, None, :],
+            scale=scale,
+        )
+    return out.transpose(0, 1)
 
 
 def dense_attention_ref(

@@ -190,7 +190,7 @@ class DiffusionAttentionImpl(AttentionImpl):
             from sparsed_vllm.kernels import sparse_attention
 
             return sparse_attention(q, k, v, one.cu_seqlens, pattern, self.scale)
-        return ref.block_sparse_attention_ref(q, k, v, pattern, self.scale)
+        return ref.block_sparse_attention_gather(q, k, v, pattern, self.scale)
 
 
 class DiffusionAttentionBackend(AttentionBackend):
