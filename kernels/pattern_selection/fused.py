@@ -88,10 +88,14 @@ def _row_stats_kernel(
     b_mg = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_lg = tl.zeros([BLOCK_M], dtype=tl.float32)
     if ALL_KEYS:
-        # Prompt keys [0, gen_begin) are all inside the sequence: no masks.
-        for i_n in range(0, gen_begin, BLOCK_N):
-            b_k = tl.load(p_k + (i_n + o_n[:, None]) * stride_kt)
-            b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale
+        # Prompt keys [0, gen_begin) are all inside the sequence: no masks. The next block's
+        # Q K^T is issued before this block's update (as in `_tile_mass_kernel`).
+        if gen_begin > 0:
+            b_s = tl.dot(b_q, tl.trans(tl.load(p_k + o_n[:, None] * stride_kt))) * qk_scale
+            for i_n in range(BLOCK_N, gen_begin, BLOCK_N):
+                b_sn = tl.dot(b_q, tl.trans(tl.load(p_k + (i_n + o_n[:, None]) * stride_kt)))
+                b_m, b_l = _stats_update(b_s, b_m, b_l)
+                b_s = b_sn * qk_scale
             b_m, b_l = _stats_update(b_s, b_m, b_l)
     for i_n in range(gen_begin, seqlen, BLOCK_N):
         m_n = i_n + o_n < seqlen
@@ -103,6 +107,15 @@ def _row_stats_kernel(
     tl.store(lse_gen + i_h * stride_lh + bos + o_m, b_mg + tl.math.log2(b_lg), mask=m_m)
     if ALL_KEYS:
         tl.store(lse + i_h * stride_lh + bos + o_m, b_m + tl.math.log2(b_l), mask=m_m)
+
+
+@triton.jit
+def _add_block_mass(b_s, b_lse, b_sum, p_mass, i_it, inv_area, SUB_N: tl.constexpr):
+    """Add one whole key block's probability mass; store and reset at the tile's last block."""
+    b_sum += tl.sum(tl.sum(tl.math.exp2(b_s - b_lse[:, None]), 1), 0)
+    tile_done = i_it % SUB_N == SUB_N - 1
+    tl.store(p_mass + i_it // SUB_N, b_sum * inv_area, mask=tile_done)
+    return tl.where(tile_done, 0.0, b_sum)
 
 
 @triton.jit
@@ -151,14 +164,20 @@ def _tile_mass_kernel(
     p_mass_gen = mass_gen + i_h * stride_mh + i_t * stride_mt
 
     # Prompt tiles (< g) are whole: no key mask. Sums run over BLOCK_N-key blocks of each tile.
+    # The next block's Q K^T is issued before this block's exp2 and sums, so the tensor cores
+    # work under the exponentials (measured 15-18% faster at 32k-64k, benchmarks/RESULTS.md).
     b_sum = tl.full([], 0.0, dtype=tl.float32)
-    for i_it in range(g * SUB_N):
-        b_k = tl.load(p_k + (i_it * BLOCK_N + o_n[:, None]) * stride_kt)
-        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale
-        b_sum += tl.sum(tl.sum(tl.math.exp2(b_s - b_lse[:, None]), 1), 0)
-        tile_done = i_it % SUB_N == SUB_N - 1
-        tl.store(p_mass + i_it // SUB_N, b_sum * inv_area, mask=tile_done)
-        b_sum = tl.where(tile_done, 0.0, b_sum)
+    n_prompt = g * SUB_N
+    if n_prompt > 0:
+        b_s = tl.dot(b_q, tl.trans(tl.load(p_k + o_n[:, None] * stride_kt))) * qk_scale
+        for i_it in range(1, n_prompt):
+            b_k = tl.load(p_k + (i_it * BLOCK_N + o_n[:, None]) * stride_kt)
+            b_sn = tl.dot(b_q, tl.trans(b_k))
+            b_sum = _add_block_mass(b_s, b_lse, b_sum, p_mass, i_it - 1, inv_area, SUB_N)
+            # Scaling here (not where it is used) waits for the dot at the end of this iteration;
+            # carrying the raw dot result into the next one measured 1.4x slower.
+            b_s = b_sn * qk_scale
+        b_sum = _add_block_mass(b_s, b_lse, b_sum, p_mass, n_prompt - 1, inv_area, SUB_N)
     b_sumg = tl.full([], 0.0, dtype=tl.float32)
     n_blocks = tl.cdiv(seqlen, BLOCK_N)
     for i_it in range(g * SUB_N, n_blocks):
