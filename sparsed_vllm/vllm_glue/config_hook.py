@@ -3,14 +3,15 @@
 Why it exists: vLLM calls `MODELS_CONFIG_MAP[arch].verify_and_update_config` from
 `VllmConfig.__post_init__` before the platform fills `worker_cls` and before the async-scheduling
 default is chosen, which is the one place a plugin can switch the worker, the scheduler and the
-request validator for an architecture. Remove when vLLM has a public hook for that.
+request validator for an architecture. Remove when vLLM has a public hook for that. It is also
+before vLLM picks its compilation mode, which decides whether its fused custom ops run (below).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from vllm.config import ModelConfig, VllmConfig
+from vllm.config import CompilationMode, ModelConfig, VllmConfig
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 from vllm.sampling_params import SamplingParams
@@ -146,6 +147,14 @@ class DiffusionLMConfig(VerifyAndUpdateConfig):
         # One step must finish before the next is planned (the canvas changes every step).
         scheduler.async_scheduling = False
         scheduler.enable_chunked_prefill = False
+        compilation = vllm_config.compilation_config
+        if compilation.mode is None:
+            # The diffusion runner calls the model eagerly (no torch.compile, no CUDA graphs: the
+            # canvas length changes with every request mix). Left to vLLM, the default compile
+            # mode would also switch vLLM's fused custom ops (RMSNorm + residual add, RoPE,
+            # SiLU-and-mul) off in favour of an Inductor pass that never runs here, leaving them
+            # as unfused torch ops. An explicit mode or `custom_ops` from the user is kept.
+            compilation.mode = CompilationMode.NONE
         cache = vllm_config.cache_config
         cache.enable_prefix_caching = False
         if current_platform.is_cpu() and cache.kv_cache_memory_bytes is None:

@@ -1,0 +1,26 @@
+"""Engine configuration the plugin chooses when the user leaves it to vLLM."""
+
+import pytest
+from vllm import EngineArgs
+from vllm.config import CompilationMode
+
+
+def engine_config(model_dir, **kwargs):
+    args = EngineArgs(model=str(model_dir), dtype="float32", max_model_len=256, **kwargs)
+    return args.create_engine_config()
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_default_runs_vllm_fused_custom_ops(llada_tiny_dir, enforce_eager):
+    # The diffusion runner never compiles the model; with vLLM's default compile mode its fused
+    # RMSNorm / RoPE / SiLU-and-mul ops would be off ("none") and run as plain torch ops.
+    config = engine_config(llada_tiny_dir, enforce_eager=enforce_eager).compilation_config
+    assert config.mode == CompilationMode.NONE
+    assert "all" in config.custom_ops and "none" not in config.custom_ops
+
+
+def test_explicit_compilation_settings_are_kept(llada_tiny_dir):
+    ops_off = engine_config(llada_tiny_dir, compilation_config={"custom_ops": ["none"]})
+    assert ops_off.compilation_config.custom_ops == ["none"]
+    compiled = engine_config(llada_tiny_dir, compilation_config={"mode": 3})
+    assert compiled.compilation_config.mode != CompilationMode.NONE
