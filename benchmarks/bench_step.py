@@ -8,6 +8,11 @@ A plain PyTorch layer (random bf16 weights, d_model 4096, 32 heads x 128, MLP 12
 - `sparse`: `sparse_attention` over a pattern with `select` of the tiles.
 Logits: the published path projects all L positions onto the 126,464-token vocabulary every step;
 ours only the current block's `block_length` positions (only those can be committed).
+Elementwise work (RMSNorm + residual add, RoPE on q/k, SiLU-and-mul) runs as plain PyTorch ops
+(as in the published code, and in a vLLM engine with its compiled ops off) and, for our paths, also
+fused (`*_fused`: each helper compiled by Inductor into one or two Triton kernels, standing in for
+vLLM's fused CUDA ops, which the plugin's engines use by default). Peak memory above the layer's
+inputs and weights is recorded per step kind (`mem_*`, GiB), and the pattern's size per layer.
 
     python benchmarks/bench_step.py --lens 16384,32768,65536 --out step_results.json
 """
@@ -32,6 +37,32 @@ def bench_ms(fn, rep_ms: int = 500) -> float:
     return triton.testing.do_bench(fn, warmup=100, rep=rep_ms, return_mode="median")
 
 
+def _rms_norm(x, w):
+    return F.rms_norm(x, (D_MODEL,), w)
+
+
+def _residual_rms_norm(x, delta, w):
+    """Residual add and the next RMSNorm (vLLM's `fused_add_rms_norm`)."""
+    x = x + delta
+    return x, F.rms_norm(x, (D_MODEL,), w)
+
+
+def _rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def _split_rope(qkv, cos, sin):
+    """Fused QKV output -> RoPE'd q, k and v, `[L, H, D]` each."""
+    q, k, v = qkv.view(-1, 3 * HEADS, HEAD_DIM).split(HEADS, dim=1)
+    return _rope(q, cos, sin), _rope(k, cos, sin), v
+
+
+def _silu_mul(gate_up):
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class Layer:
     """LLaDA-8B block: RMSNorm, fused QKV, RoPE, attention, out proj, RMSNorm, SwiGLU MLP."""
 
@@ -41,22 +72,40 @@ class Layer:
 
         self.w_qkv, self.w_o = w(3 * D_MODEL, D_MODEL), w(D_MODEL, D_MODEL)
         self.w_gate_up, self.w_down = w(2 * MLP, D_MODEL), w(D_MODEL, MLP)
+        self.norm1 = torch.ones(D_MODEL, device=device, dtype=dtype)
+        self.norm2 = torch.ones(D_MODEL, device=device, dtype=dtype)
         inv_freq = 1.0 / 500000.0 ** (torch.arange(0, HEAD_DIM, 2, device=device) / HEAD_DIM)
         angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
         self.cos = torch.cat([angles.cos()] * 2, -1)[:, None].to(dtype)  # [L, 1, D]
         self.sin = torch.cat([angles.sin()] * 2, -1)[:, None].to(dtype)
+        self.ops = {
+            False: (_rms_norm, _split_rope, _residual_rms_norm, _silu_mul),
+            True: tuple(
+                torch.compile(f, dynamic=False)
+                for f in (_rms_norm, _split_rope, _residual_rms_norm, _silu_mul)
+            ),
+        }
 
-    def rope(self, x):
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * self.cos + torch.cat([-x2, x1], -1) * self.sin
+    def qkv(self, x, fused=False):
+        norm, split_rope, _, _ = self.ops[fused]
+        return split_rope(norm(x, self.norm1) @ self.w_qkv.T, self.cos, self.sin)
 
-    def forward(self, x, attend):
-        h = F.rms_norm(x, (D_MODEL,))
-        q, k, v = (h @ self.w_qkv.T).view(-1, 3 * HEADS, HEAD_DIM).split(HEADS, dim=1)
-        attn = attend(self.rope(q), self.rope(k), v)
-        x = x + attn.reshape(-1, D_MODEL) @ self.w_o.T
-        gate, up = (F.rms_norm(x, (D_MODEL,)) @ self.w_gate_up.T).chunk(2, dim=-1)
-        return x + (F.silu(gate) * up) @ self.w_down.T
+    def forward(self, x, attend, fused=False):
+        _, _, residual_norm, silu_mul = self.ops[fused]
+        q, k, v = self.qkv(x, fused)
+        attn = attend(q, k, v)
+        x, h = residual_norm(x, attn.reshape(-1, D_MODEL) @ self.w_o.T, self.norm2)
+        return x + silu_mul(h @ self.w_gate_up.T) @ self.w_down.T
+
+
+def peak_gib(fn) -> float:
+    """Peak memory allocated during `fn()` above what was allocated before it, GiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
 def sdpa_fa2(q, k, v, scale):
@@ -70,10 +119,8 @@ def step_times(seq_len, select, gen_length, sparse_cfg=None, mass_cfg=None):
     x = torch.randn(seq_len, D_MODEL, device="cuda", dtype=torch.bfloat16)
     cu = torch.tensor([0, seq_len], dtype=torch.int32, device="cuda")
     scale = 1.0 / math.sqrt(HEAD_DIM)
-    q = layer.rope(
-        (F.rms_norm(x, (D_MODEL,)) @ layer.w_qkv.T).view(-1, 3 * HEADS, HEAD_DIM)[:, :HEADS]
-    )
-    pattern = fused_select_pattern(q, q, cu, [gen_length], 128, select, scale, config=mass_cfg)
+    q, k, _ = layer.qkv(x)
+    pattern = fused_select_pattern(q, k, cu, [gen_length], 128, select, scale, config=mass_cfg)
 
     def select_attend(q, k, v):
         out, lse = dense_attention(q, k, v, cu, seq_len, scale, return_lse=True)
@@ -87,8 +134,16 @@ def step_times(seq_len, select, gen_length, sparse_cfg=None, mass_cfg=None):
         "sparse": lambda q, k, v: sparse_attention(q, k, v, cu, pattern, scale, config=sparse_cfg),
         "no_attention": lambda q, k, v: q,
     }
-    res = {name: bench_ms(lambda a=a: layer.forward(x, a)) for name, a in attends.items()}
+    res = {}
+    for name, attend in attends.items():
+        for fused in (False, True) if name != "published" else (False,):
+            key = name + ("_fused" if fused else "")
+            res[key] = bench_ms(lambda a=attend, f=fused: layer.forward(x, a, f))
+            res["mem_" + key] = peak_gib(lambda a=attend, f=fused: layer.forward(x, a, f))
     res["kept_fraction"] = sum(p.kept_fraction() for p in pattern.unpack())
+    res["pattern_mib_per_layer"] = (
+        pattern.kv_indices.numel() * 4 + pattern.kv_counts.numel() * 4
+    ) / 2**20
     res.update(logits_times(x))
     return res
 
@@ -101,18 +156,22 @@ def logits_times(x):
     }
 
 
-def project(times, steps, skip):
-    """Seconds per request (LAYERS layers): published dense path vs ours dense vs ours SparseD."""
+def project(times, steps, skip, fused=False):
+    """Seconds per request (LAYERS layers): published dense path vs ours dense vs ours SparseD.
+
+    `fused`: our paths with fused elementwise ops (the published path stays as published).
+    """
     switch = int(steps * skip) + 1
     n_dense, n_select = min(switch, steps), int(switch < steps)
     n_sparse = steps - n_dense - n_select
     lb = times["logits_block32"]
+    sfx = "_fused" if fused else ""
     published = steps * (LAYERS * times["published"] + times["logits_all"])
-    dense = steps * (LAYERS * times["dense"] + lb)
+    dense = steps * (LAYERS * times["dense" + sfx] + lb)
     sparsed = (
-        n_dense * (LAYERS * times["dense"] + lb)
-        + n_select * (LAYERS * times["select"] + lb)
-        + n_sparse * (LAYERS * times["sparse"] + lb)
+        n_dense * (LAYERS * times["dense" + sfx] + lb)
+        + n_select * (LAYERS * times["select" + sfx] + lb)
+        + n_sparse * (LAYERS * times["sparse" + sfx] + lb)
     )
     return {
         "published_dense_s": published / 1e3,
@@ -158,19 +217,34 @@ def main():
     for seq_len in map(int, args.lens.split(",")):
         times = step_times(seq_len, args.select, args.gen_length, sparse_cfg, mass_cfg)
         proj = {steps: project(times, steps, args.skip) for steps in (128, 1024)}
-        results["lens"][seq_len] = {"ms_per_layer": times, "projection": proj}
+        proj_fused = {steps: project(times, steps, args.skip, True) for steps in (128, 1024)}
+        results["lens"][seq_len] = {
+            "ms_per_layer": times,
+            "projection": proj,
+            "projection_fused": proj_fused,
+        }
         print(json.dumps({seq_len: results["lens"][seq_len]}, indent=1), flush=True)
         torch.cuda.empty_cache()
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
-    print("\nL | published | dense | select | sparse | no-attn | logits all | T=128 x | T=1024 x")
+    print("\nms per layer (fused elementwise in brackets); memory GiB; T=128/1024 x vs published")
+    print("L | published | dense | select | sparse | no-attn | logits all | mem dense/sel/sparse")
     for seq_len, row in results["lens"].items():
-        t, p = row["ms_per_layer"], row["projection"]
+        t = row["ms_per_layer"]
+        cells = [f"{t[n]:.1f} ({t[n + '_fused']:.1f})" for n in ("dense", "select", "sparse")]
         print(
-            f"{seq_len} | {t['published']:.1f} | {t['dense']:.1f} | {t['select']:.1f} | "
-            f"{t['sparse']:.1f} | {t['no_attention']:.1f} | {t['logits_all']:.1f} | "
-            f"{p[128]['speedup_vs_published']:.2f} | {p[1024]['speedup_vs_published']:.2f}"
+            f"{seq_len} | {t['published']:.1f} | {' | '.join(cells)} | {t['no_attention']:.1f} "
+            f"({t['no_attention_fused']:.1f}) | {t['logits_all']:.1f} | {t['mem_dense']:.2f}/"
+            f"{t['mem_select']:.2f}/{t['mem_sparse']:.2f} (pattern {t['pattern_mib_per_layer']:.1f}"
+            " MiB)"
         )
+        for name in ("projection", "projection_fused"):
+            p = row[name]
+            print(
+                f"  {name}: T=128 {p[128]['speedup_vs_published']:.2f}x "
+                f"({p[128]['speedup_vs_ours_dense']:.2f}x own dense), T=1024 "
+                f"{p[1024]['speedup_vs_published']:.2f}x ({p[1024]['speedup_vs_ours_dense']:.2f}x)"
+            )
 
 
 if __name__ == "__main__":

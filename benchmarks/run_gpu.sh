@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU kernel tests, then the attention- and step-level benchmarks. Logs and JSON go to $OUT.
 #   OUT=out bash benchmarks/run_gpu.sh [tests] [attention] [step]
+# ATTN_ARGS / STEP_ARGS: extra arguments; ATTN_SWEEP=0: time only the default launch configs.
 set -o pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -20,7 +21,8 @@ for part in "${@:-tests attention step}"; do
     case $p in
       tests) python3 -m pytest tests/test_pattern.py tests/kernels -q -rs 2>&1 \
         | tee "$OUT/tests.log" ;;
-      attention) python3 benchmarks/bench_attention.py --sweep --out "$OUT/attention.json" \
+      attention) python3 benchmarks/bench_attention.py $( [ "${ATTN_SWEEP:-1}" = 1 ] && echo --sweep ) \
+        --out "$OUT/attention.json" \
         ${ATTN_ARGS:-} 2>&1 | tee "$OUT/attention.log" ;;
       step) python3 benchmarks/bench_step.py --out "$OUT/step.json" \
         $( [ -f "$OUT/attention.json" ] && echo --attention-json "$OUT/attention.json") \
