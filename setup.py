@@ -46,11 +46,6 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["sparsed_vllm = sparsed_vllm.plugin:register"],
-        # Test-only: inactive unless SPARSED_VLLM_TEST_RAY_PLATFORM=1 (Ray on CPU in CI; see
-        # sparsed_vllm/testing/ray_platform.py).
-        "vllm.platform_plugins": [
-            "sparsed_vllm_test_ray_cpu = sparsed_vllm.testing.ray_platform:activate"
-        ],
         "console_scripts": ["sparsed-vllm = sparsed_vllm.entrypoints.cli:main"],
     },
 )

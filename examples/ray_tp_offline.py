@@ -7,8 +7,9 @@
 
 vLLM joins the running Ray cluster (`ray start` on this node, or RAY_ADDRESS) or starts a local
 one. Workers are Ray actors; each loads the plugin through its entry point by itself.
-On a machine without GPUs (vLLM's CPU build has no Ray support) it runs only with the test
-platform of this repository: `SPARSED_VLLM_TEST_RAY_PLATFORM=1 python examples/ray_tp_offline.py`.
+On a machine without GPUs (vLLM's CPU build has no Ray support) it runs only with the test-only
+platform of this repository, installed by scripts/run_tests.sh (tests/support):
+`SPARSED_VLLM_TEST_RAY_PLATFORM=1 python examples/ray_tp_offline.py`.
 """
 
 import argparse

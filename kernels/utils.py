@@ -2,9 +2,13 @@
 
 import torch
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-SUPPORTED_HEAD_DIMS = (64, 128)
-SUPPORTED_TILES = (16, 32, 64, 128)
+from sparsed_vllm.core.capabilities import TRITON_BACKEND
+
+# What the Triton kernels run is stated once, in the capability table that request validation
+# and the attention layer's dispatch read as well.
+SUPPORTED_DTYPES = TRITON_BACKEND.dtypes
+SUPPORTED_HEAD_DIMS = TRITON_BACKEND.head_dims
+SUPPORTED_TILES = TRITON_BACKEND.tile_sizes
 
 
 def check_varlen_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor):

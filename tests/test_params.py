@@ -22,8 +22,10 @@ def test_request_values_override_checkpoint_defaults():
     defaults = {"steps": 64, "block_length": 8, "alg": "entropy"}
     p = resolve_params(LLADA, {"steps": 16}, max_tokens=32, defaults=defaults)
     assert (p.steps, p.block_length, p.num_blocks, p.steps_per_block) == (16, 8, 4, 4)
-    d = resolve_params(DREAM, {}, max_tokens=32, defaults=defaults)
-    assert (d.steps, d.alg, d.block_length) == (64, "entropy", 32)
+    d = resolve_params(DREAM, {}, max_tokens=64, defaults=defaults)
+    assert (d.steps, d.alg, d.block_length) == (64, "entropy", 64)
+    # A default beyond one step per token is capped (a request's own value is refused).
+    assert resolve_params(DREAM, {}, max_tokens=32, defaults=defaults).steps == 32
 
 
 def test_cfg_runs_two_sequences():
@@ -50,7 +52,7 @@ def test_cfg_runs_two_sequences():
         (LLADA, {"steps": "8"}, 16, "steps must be a number, got '8'"),
         (DREAM, {"alg": "best"}, 16, "alg must be one of .* got 'best'"),
         (DREAM, {"eps": 1.5}, 16, r"eps must be in \(0, 1\), got 1.5"),
-        (DREAM, {"alg_temp": -0.1}, 16, "alg_temp must be >= 0, got -0.1"),
+        (DREAM, {"alg_temp": -0.1}, 16, "alg_temp must be 0 or >= 0.0001, got -0.1"),
         (DREAM, {"block_length": 8}, 16, "'block_length' does not apply to dream"),
         (DREAM, {}, 0, "max_tokens .* must be >= 1, got 0"),
     ],

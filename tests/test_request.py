@@ -42,9 +42,9 @@ def drive(model, request: DiffusionRequest) -> tuple[list[int], list[tuple[int, 
         dict(steps=8, block_length=4),
         dict(steps=16, block_length=4, cfg_scale=1.5),
         dict(steps=5, block_length=16),
-        dict(steps=32, block_length=8),
+        dict(steps=16, block_length=4),
     ],
-    ids=["one-block", "B8", "B4", "B4-cfg", "uneven-split", "more-steps-than-tokens"],
+    ids=["one-block", "B8", "B4", "B4-cfg", "uneven-split", "one-token-per-step"],
 )
 def test_llada_matches_reference(llada_tiny, llada_tiny_dir, prompt, case):
     mask = mask_id(llada_tiny_dir)

@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from sparsed_vllm.core.errors import ParameterError
+
 LLADA = "llada"
 DREAM = "dream"
 FAMILIES = (LLADA, DREAM)
@@ -22,6 +24,7 @@ _LLADA_KEYS = ("block_length", "remasking", "cfg_scale")
 _DREAM_KEYS = ("alg", "alg_temp", "eps")
 DIFFUSION_KEYS = _COMMON_KEYS + _LLADA_KEYS + _DREAM_KEYS
 SPARSED_KEYS = ("sparsed", "sparsed_skip", "sparsed_select", "sparsed_block_size")
+DECODING_KEYS = ("cache", "threshold", "factor")
 
 
 @dataclass(frozen=True)
@@ -77,16 +80,44 @@ def diffusion_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
     return {k: generation_config[k] for k in DIFFUSION_KEYS if generation_config.get(k) is not None}
 
 
-def _number(name: str, value: Any, kind: type) -> Any:
+# torch.Generator.manual_seed takes these; larger seeds cannot even be sent to the engine.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+# The canvas of a request that sends no max_tokens (an OpenAI chat request may omit it) and whose
+# checkpoint's generation config sets no max_new_tokens: LLaDA's and SparseD's usual gen length.
+DEFAULT_MAX_TOKENS = 128
+# Dream divides confidences by alg_temp before a softmax; below this the quotient can overflow.
+MIN_ALG_TEMP = 1e-4
+
+
+def _integer(name: str, value: Any, low: int, high: int | None = None, note: str = "") -> int:
+    """`value` as an int in [low, high]; integral floats (1e3) pass, bools and strings do not.
+
+    `note` follows the name in messages, e.g. "(the checkpoint's default)".
+    """
+    label = f"{name} {note}" if note else name
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if kind is int:
-        if float(value) != int(value):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-        return int(value)
+        raise ParameterError(name, f"{label} must be a number, got {value!r}")
+    if isinstance(value, float) and not value.is_integer():
+        raise ParameterError(name, f"{label} must be an integer, got {value!r}")
+    value = int(value)
+    if value < low:
+        raise ParameterError(name, f"{label} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ParameterError(name, f"{label} must be <= {high}, got {value}")
+    return value
+
+
+def real(name: str, value: Any) -> float:
+    """`value` as a finite float; ParameterError naming `name` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ParameterError(name, f"{name} must be a number, got {value!r}")
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ParameterError(name, f"{name} must be finite, got {value!r}") from None
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return float(value)
+        raise ParameterError(name, f"{name} must be finite, got {value!r}")
+    return value
 
 
 def _check_keys(family: str, extra: dict[str, Any]) -> None:
@@ -96,8 +127,10 @@ def _check_keys(family: str, extra: dict[str, Any]) -> None:
         if key in allowed:
             continue
         if key in DIFFUSION_KEYS:
-            raise ValueError(f"extra_args {key!r} does not apply to {family} models")
-        raise ValueError(f"unknown extra_args key {key!r}; supported: {', '.join(sorted(allowed))}")
+            raise ParameterError(key, f"extra_args {key!r} does not apply to {family} models")
+        raise ParameterError(
+            key, f"unknown extra_args key {key!r}; supported: {', '.join(sorted(allowed))}"
+        )
 
 
 def resolve_params(
@@ -123,52 +156,66 @@ def resolve_params(
         values = {k: v for k, v in values.items() if k not in _LLADA_KEYS}
     values.update({k: v for k, v in extra.items() if k in DIFFUSION_KEYS})
 
-    gen_length = _number("max_tokens", max_tokens, int)
-    if gen_length < 1:
-        raise ValueError(f"max_tokens (the generation length) must be >= 1, got {gen_length}")
+    gen_length = _integer("max_tokens", max_tokens, 1, note="(the generation length)")
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise ParameterError("temperature", f"temperature must be >= 0, got {temperature}")
     common = dict(
         family=family,
         gen_length=gen_length,
-        steps=_number("steps", values.get("steps", gen_length), int),
+        steps=_steps(extra, values, gen_length),
         temperature=float(temperature),
         top_p=float(top_p),
         top_k=int(top_k) if top_k and top_k > 0 else 0,
-        seed=int(seed),
+        seed=_integer("seed", seed, *SEED_RANGE),
     )
-    if common["steps"] < 1:
-        raise ValueError(f"steps must be >= 1, got {common['steps']}")
     if family == LLADA:
         return _resolve_llada(values, common)
     return _resolve_dream(values, common)
 
 
+def _steps(extra: dict[str, Any], values: dict[str, Any], gen_length: int) -> int:
+    """Denoising steps: at most one per generated token.
+
+    More steps than tokens cannot help: a LLaDA block's schedule commits nothing at steps past its
+    token count, and a Dream step past it reveals less than one token on average. A request that
+    asks for more is refused; a checkpoint default (Dream ships steps=512) is capped instead.
+    """
+    if "steps" in extra:
+        return _integer("steps", extra["steps"], 1, gen_length)
+    default = _integer(
+        "steps", values.get("steps", gen_length), 1, note="(the checkpoint's default)"
+    )
+    return min(default, gen_length)
+
+
 def _resolve_llada(values: dict[str, Any], common: dict[str, Any]) -> DiffusionParams:
     gen_length, steps = common["gen_length"], common["steps"]
-    block_length = _number("block_length", values.get("block_length", gen_length), int)
-    if block_length < 1:
-        raise ValueError(f"block_length must be >= 1, got {block_length}")
+    block_length = _integer("block_length", values.get("block_length", gen_length), 1, gen_length)
     if gen_length % block_length:
-        raise ValueError(
-            f"max_tokens (gen length) {gen_length} is not divisible by block_length {block_length}"
+        raise ParameterError(
+            "block_length",
+            f"max_tokens (gen length) {gen_length} is not divisible by block_length {block_length}",
         )
     num_blocks = gen_length // block_length
     if steps % num_blocks:
-        raise ValueError(
+        raise ParameterError(
+            "steps",
             f"steps {steps} is not divisible by the number of blocks {num_blocks} "
-            f"(max_tokens {gen_length} / block_length {block_length})"
+            f"(max_tokens {gen_length} / block_length {block_length})",
         )
     remasking = values.get("remasking", "low_confidence")
     if remasking not in REMASKING:
-        raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
-    cfg_scale = _number("cfg_scale", values.get("cfg_scale", 0.0), float)
+        raise ParameterError(
+            "remasking", f"remasking must be one of {REMASKING}, got {remasking!r}"
+        )
+    cfg_scale = real("cfg_scale", values.get("cfg_scale", 0.0))
     if cfg_scale < 0:
-        raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
+        raise ParameterError("cfg_scale", f"cfg_scale must be >= 0, got {cfg_scale}")
     if common["top_p"] < 1.0 or common["top_k"] > 0:
-        raise ValueError(
+        raise ParameterError(
+            "top_p" if common["top_p"] < 1.0 else "top_k",
             f"top_p={common['top_p']} / top_k={common['top_k']} are not supported by LLaDA "
-            "decoding (its sampler is Gumbel-max over the full distribution)"
+            "decoding (its sampler is Gumbel-max over the full distribution)",
         )
     return DiffusionParams(
         block_length=block_length, remasking=remasking, cfg_scale=cfg_scale, **common
@@ -178,15 +225,15 @@ def _resolve_llada(values: dict[str, Any], common: dict[str, Any]) -> DiffusionP
 def _resolve_dream(values: dict[str, Any], common: dict[str, Any]) -> DiffusionParams:
     alg = values.get("alg", "origin")
     if alg not in DREAM_ALGS:
-        raise ValueError(f"alg must be one of {DREAM_ALGS}, got {alg!r}")
-    alg_temp = _number("alg_temp", values.get("alg_temp", 0.0) or 0.0, float)
-    if alg_temp < 0:
-        raise ValueError(f"alg_temp must be >= 0, got {alg_temp}")
-    eps = _number("eps", values.get("eps", 1e-3), float)
+        raise ParameterError("alg", f"alg must be one of {DREAM_ALGS}, got {alg!r}")
+    alg_temp = real("alg_temp", values.get("alg_temp", 0.0) or 0.0)
+    if alg_temp < 0 or 0 < alg_temp < MIN_ALG_TEMP:
+        raise ParameterError("alg_temp", f"alg_temp must be 0 or >= {MIN_ALG_TEMP}, got {alg_temp}")
+    eps = real("eps", values.get("eps", 1e-3))
     if not 0 < eps < 1:
-        raise ValueError(f"eps must be in (0, 1), got {eps}")
+        raise ParameterError("eps", f"eps must be in (0, 1), got {eps}")
     if not 0 < common["top_p"] <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {common['top_p']}")
+        raise ParameterError("top_p", f"top_p must be in (0, 1], got {common['top_p']}")
     return DiffusionParams(
         block_length=common["gen_length"], alg=alg, alg_temp=alg_temp, eps=eps, **common
     )

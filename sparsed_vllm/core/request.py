@@ -13,6 +13,7 @@ import torch
 from sparsed_vllm.core.params import LLADA, DiffusionParams
 from sparsed_vllm.core.sampling import (
     cfg_logits,
+    choose_positions,
     dream_num_transfer,
     dream_sample,
     dream_timesteps,
@@ -36,7 +37,8 @@ class DiffusionRequest:
         self.step = 0
         self.generator = torch.Generator().manual_seed(params.seed)
         self._block_transfer: list[int] = []
-        self._timesteps = dream_timesteps(params.steps, params.eps)
+        if params.family != LLADA:
+            self._timesteps = dream_timesteps(params.steps, params.eps)
 
     @property
     def seq_len(self) -> int:
@@ -74,10 +76,11 @@ class DiffusionRequest:
     def logit_positions(self) -> torch.Tensor:
         """Hidden-state rows whose logits are needed. [n]
 
-        Dream predicts position i from the hidden state at i - 1 (its logits are shifted).
+        Dream predicts position i from the hidden state at i - 1 (its logits are shifted), and
+        position 0 from its own row, as the published shift `cat([logits[:1], logits[:-1]])`.
         """
         positions = self.candidate_positions()
-        return positions if self.params.family == LLADA else positions - 1
+        return positions if self.params.family == LLADA else (positions - 1).clamp(min=0)
 
     def advance(self, logits: torch.Tensor) -> list[int]:
         """Commit this step's tokens. logits: [num_sequences, n, V] at `logit_positions()`.
@@ -138,9 +141,5 @@ class DiffusionRequest:
         k = dream_num_transfer(positions.numel(), self.step, p.steps, self._timesteps)
         if k <= 0:
             return
-        if p.alg_temp > 0:
-            weights = torch.softmax(confidence / p.alg_temp, dim=-1)
-            chosen = torch.multinomial(weights.cpu(), k, generator=self.generator)
-        else:
-            chosen = torch.topk(confidence, k).indices.cpu()
+        chosen = choose_positions(confidence, k, p.alg_temp, self.generator)
         self.canvas[positions[chosen]] = x0.cpu()[chosen]

@@ -111,3 +111,24 @@ def dream_num_transfer(num_masked: int, step: int, steps: int, timesteps: torch.
         return num_masked
     t, s = timesteps[step], timesteps[step + 1]
     return int(torch.tensor(float(num_masked)) * (1 - s / t))
+
+
+def choose_positions(
+    confidence: torch.Tensor, k: int, alg_temp: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Indices of the k positions to reveal: the most confident, or drawn without replacement
+    from softmax(confidence / alg_temp) when alg_temp > 0 (Dream). confidence: [n] -> [k] (CPU)
+
+    Positions whose weight underflows to zero are never drawn; when fewer than k remain, the
+    rest are taken in confidence order (the published sampler raises there).
+    """
+    if alg_temp <= 0:
+        return torch.topk(confidence, k).indices.cpu()
+    weights = torch.softmax(confidence / alg_temp, dim=-1).cpu()
+    drawable = int((weights > 0).sum())
+    if drawable >= k:
+        return torch.multinomial(weights, k, generator=generator)
+    drawn = torch.multinomial(weights, drawable, generator=generator)
+    rest = confidence.cpu().clone()
+    rest[drawn] = float("-inf")
+    return torch.cat([drawn, torch.topk(rest, k - drawable).indices])

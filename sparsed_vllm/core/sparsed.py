@@ -12,32 +12,26 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from sparsed_vllm.core.capabilities import ALL_TILE_SIZES, EXACT_BACKEND, Backend
+from sparsed_vllm.core.errors import ParameterError
+from sparsed_vllm.core.params import real
 from sparsed_vllm.core.pattern import generation_start_tile, num_kept_tiles, num_tiles
 
 DENSE = "dense"
 SELECT = "select"
 SPARSE = "sparse"
 SCALES = ("head_dim", "reference")
-BLOCK_SIZES = (16, 32, 64, 128, 256)
 _INDEX_BYTES = 4  # int32 tile indices
 
 
 def _check_fraction(name: str, value: Any, low_open: bool, high_open: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    value = float(value)
+    value = real(name, value)
     low_ok = value > 0 if low_open else value >= 0
     high_ok = value < 1 if high_open else value <= 1
     if not (low_ok and high_ok):
         interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be in {interval}, got {value}")
+        raise ParameterError(name, f"{name} must be in {interval}, got {value}")
     return value
-
-
-def _check_block_size(name: str, value: Any) -> int:
-    if isinstance(value, bool) or value not in BLOCK_SIZES:
-        raise ValueError(f"{name} must be one of {BLOCK_SIZES}, got {value!r}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -63,7 +57,11 @@ class SparsedConfig:
             raise ValueError(f"sparsed.enabled must be true or false, got {self.enabled!r}")
         _check_fraction("sparsed.skip", self.skip, low_open=False, high_open=True)
         _check_fraction("sparsed.select", self.select, low_open=True, high_open=False)
-        _check_block_size("sparsed.block_size", self.block_size)
+        # The device is not known here: the engine checks the tile against its backend.
+        if isinstance(self.block_size, bool) or self.block_size not in ALL_TILE_SIZES:
+            raise ValueError(
+                f"sparsed.block_size must be one of {ALL_TILE_SIZES}, got {self.block_size!r}"
+            )
         if (
             isinstance(self.min_seq_len, bool)
             or not isinstance(self.min_seq_len, int)
@@ -134,21 +132,29 @@ class SparsedSettings:
 
 
 def resolve_sparsed(
-    config: SparsedConfig, extra_args: dict[str, Any] | None, seq_len: int | None
+    config: SparsedConfig,
+    extra_args: dict[str, Any] | None,
+    seq_len: int | None,
+    backend: Backend = EXACT_BACKEND,
 ) -> SparsedSettings:
-    """Apply a request's overrides to the plugin defaults. seq_len None: validate only."""
+    """Apply a request's overrides to the plugin defaults. seq_len None: validate only.
+
+    The tile size must be one that `backend` (the engine's attention backend) runs.
+    """
     extra = extra_args or {}
     forced = extra.get("sparsed")
     # The OpenAI server's vllm_xargs carry numbers, not booleans: accept 1/0 as well.
     if forced is not None:
         if forced not in (True, False) or not isinstance(forced, (bool, int)):
-            raise ValueError(f"sparsed must be true or false (or 1/0), got {forced!r}")
+            raise ParameterError(
+                "sparsed", f"sparsed must be true or false (or 1/0), got {forced!r}"
+            )
         forced = bool(forced)
     skip = _check_fraction("sparsed_skip", extra.get("sparsed_skip", config.skip), False, True)
     select = _check_fraction(
         "sparsed_select", extra.get("sparsed_select", config.select), True, False
     )
-    block_size = _check_block_size(
+    block_size = backend.check_tile(
         "sparsed_block_size", extra.get("sparsed_block_size", config.block_size)
     )
     if forced is not None:

@@ -22,6 +22,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionBackend, AttentionImpl, AttentionType
 
 from sparsed_vllm.core import pattern as ref
+from sparsed_vllm.core.capabilities import TRITON, select_backend
 from sparsed_vllm.core.sparsed import DENSE, SPARSE, PatternStore
 
 BACKEND_NAME = "CUSTOM"
@@ -91,8 +92,9 @@ def varlen_dense_attention(
 
 
 def _use_kernels(q: torch.Tensor) -> bool:
-    """Triton/cuDNN kernels on CUDA in fp16/bf16; the exact PyTorch path everywhere else."""
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    """Triton/cuDNN kernels where the capability table picks them (the same table request
+    validation reads), the exact PyTorch path everywhere else."""
+    return select_backend(q.device.type, q.dtype, q.shape[-1]).name == TRITON
 
 
 class DiffusionAttentionImpl(AttentionImpl):

@@ -2,24 +2,20 @@
 
 Why it exists: vLLM calls `MODELS_CONFIG_MAP[arch].verify_and_update_config` from
 `VllmConfig.__post_init__` before the platform fills `worker_cls` and before the async-scheduling
-default is chosen, which is the one place a plugin can switch the worker, the scheduler and the
-request validator for an architecture. Remove when vLLM has a public hook for that. It is also
+default is chosen, which is the one place a plugin can switch the worker and the scheduler for an
+architecture and install its request checks. Remove when vLLM has a public hook for that. It is also
 before vLLM picks its compilation mode, which decides whether its fused custom ops run (below).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from vllm.config import CompilationMode, ModelConfig, VllmConfig
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
-from vllm.sampling_params import SamplingParams
-from vllm.v1.sample.logits_processor import LogitsProcessor
 
-from sparsed_vllm.core.params import DREAM, LLADA, diffusion_defaults, family_of, resolve_params
-from sparsed_vllm.core.sparsed import SparsedConfig, resolve_sparsed
-from sparsed_vllm.vllm_glue.serving import install_canvas_length_check, install_strict_max_tokens
+from sparsed_vllm.core.capabilities import fallback_reason
+from sparsed_vllm.vllm_glue.admission import engine_limits
+from sparsed_vllm.vllm_glue.serving import install_request_checks, install_strict_max_tokens
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so it shares its handlers
 
@@ -27,96 +23,6 @@ _GLUE = "sparsed_vllm.vllm_glue"
 SCHEDULER_CLS = f"{_GLUE}.scheduler.DiffusionScheduler"
 CPU_WORKER_CLS = f"{_GLUE}.worker.DiffusionCPUWorker"
 GPU_WORKER_CLS = f"{_GLUE}.worker.DiffusionGPUWorker"
-
-
-def generation_defaults(model_config: ModelConfig) -> dict[str, Any]:
-    """Diffusion defaults (steps, block_length, alg, ...) from the generation config."""
-    return diffusion_defaults(model_config.try_get_generation_config())
-
-
-def unsupported_sampling_options(sp: SamplingParams) -> list[str]:
-    """SamplingParams that diffusion decoding does not implement, by name."""
-    checks = {
-        "presence_penalty": sp.presence_penalty != 0,
-        "frequency_penalty": sp.frequency_penalty != 0,
-        "repetition_penalty": sp.repetition_penalty != 1,
-        "min_p": sp.min_p > 0,
-        "min_tokens": sp.min_tokens > 0,
-        "logit_bias": bool(sp.logit_bias),
-        "logprobs": sp.logprobs is not None,
-        "prompt_logprobs": sp.prompt_logprobs is not None,
-        "bad_words": bool(sp.bad_words),
-        "allowed_token_ids": bool(sp.allowed_token_ids),
-        "structured_outputs": sp.structured_outputs is not None,
-    }
-    return [name for name, bad in checks.items() if bad]
-
-
-class _DiffusionRequestValidator(LogitsProcessor):
-    """Checks each request in the API front end, so bad input fails there with a clear message.
-
-    vLLM calls `validate_params` of the configured logits processors for every request before it
-    reaches the engine (HTTP 400 from the server). It is never instantiated: the diffusion model
-    runner samples by itself.
-    """
-
-    family = LLADA
-    defaults: dict[str, Any] = {}
-    sparsed_config = SparsedConfig()
-
-    @classmethod
-    def validate_params(cls, sampling_params: SamplingParams) -> None:
-        unsupported = unsupported_sampling_options(sampling_params)
-        if unsupported:
-            raise ValueError(
-                f"sampling option(s) not supported by diffusion decoding: {', '.join(unsupported)}"
-            )
-        resolve_sparsed(cls.sparsed_config, sampling_params.extra_args, seq_len=None)
-        if sampling_params.max_tokens is None:
-            return
-        resolve_params(
-            cls.family,
-            sampling_params.extra_args,
-            max_tokens=sampling_params.max_tokens,
-            temperature=sampling_params.temperature,
-            top_p=sampling_params.top_p,
-            top_k=sampling_params.top_k,
-            defaults=cls.defaults,
-        )
-
-
-class LLaDARequestValidator(_DiffusionRequestValidator):
-    family = LLADA
-
-
-class DreamRequestValidator(_DiffusionRequestValidator):
-    family = DREAM
-
-
-_VALIDATORS = {LLADA: LLaDARequestValidator, DREAM: DreamRequestValidator}
-
-
-def _v2_validator(validator: type) -> type:
-    """The validator as a subclass of the V2 model runner's LogitsProcessor as well.
-
-    Why: with the V2 runner on (the CUDA default in 0.32) the front end loads logits processors
-    through `vllm.v1.worker.gpu.sample.logits_processor`, which accepts only its own base class.
-    The class is a module attribute (see `__getattr__`) so a spawned process can unpickle it.
-    Remove when vLLM has one LogitsProcessor interface.
-    """
-    name = f"{validator.__name__}V2"
-    if name not in globals():
-        from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Processor
-
-        globals()[name] = type(name, (validator, V2Processor), {"__module__": __name__})
-    return globals()[name]
-
-
-def __getattr__(name: str) -> type:
-    for validator in _VALIDATORS.values():
-        if name == f"{validator.__name__}V2":
-            return _v2_validator(validator)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class DiffusionLMConfig(VerifyAndUpdateConfig):
@@ -167,24 +73,20 @@ class DiffusionLMConfig(VerifyAndUpdateConfig):
         if scheduler.max_num_scheduled_tokens is not None:
             scheduler.max_num_scheduled_tokens = max(scheduler.max_num_scheduled_tokens, budget)
 
-        family = family_of(model_config.architecture)
-        validator = _VALIDATORS[family]
-        validator.defaults = generation_defaults(model_config)
-        # Bad --additional-config fails here, at start-up, with the setting's name.
-        validator.sparsed_config = SparsedConfig.from_additional_config(
-            vllm_config.additional_config
+        # Bad --additional-config, or a tile the engine's kernels cannot run, fails here at
+        # start-up with the setting's name.
+        limits = engine_limits(vllm_config)
+        reason = fallback_reason(
+            vllm_config.device_config.device_type, model_config.dtype, model_config.get_head_size()
         )
-        if vllm_config.use_v2_model_runner:
-            validator = _v2_validator(validator)
-        processors = list(model_config.logits_processors or [])
-        if validator not in processors:
-            processors.append(validator)
-        model_config.logits_processors = processors
+        if reason:
+            logger.warning("sparsed-vllm: %s", reason)
+        install_request_checks()
         install_strict_max_tokens()
-        install_canvas_length_check()
         logger.info(
-            "sparsed-vllm: diffusion decoding for %s (worker %s, scheduler %s)",
+            "sparsed-vllm: diffusion decoding for %s (worker %s, scheduler %s, %s attention)",
             model_config.architecture,
             parallel.worker_cls,
             scheduler.scheduler_cls,
+            limits.backend.name,
         )

@@ -24,15 +24,9 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreEventType, EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
-from sparsed_vllm.core.params import DiffusionParams, family_of, resolve_params
-from sparsed_vllm.core.sparsed import (
-    DENSE,
-    SparsedConfig,
-    SparsedSettings,
-    pattern_bytes,
-    resolve_sparsed,
-)
-from sparsed_vllm.vllm_glue.config_hook import generation_defaults
+from sparsed_vllm.core.params import DiffusionParams
+from sparsed_vllm.core.sparsed import DENSE, SparsedSettings
+from sparsed_vllm.vllm_glue.admission import admit_request, engine_limits
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so it shares its handlers
 
@@ -65,98 +59,38 @@ class DiffusionSchedulerOutput(SchedulerOutput):
     diffusion_steps: dict[str, DiffusionStep] = field(default_factory=dict)
 
 
-def request_params(
-    request: Request, family: str, defaults: dict[str, Any], seed: int
-) -> DiffusionParams:
-    """Resolve a vLLM request's SamplingParams + extra_args into diffusion parameters."""
-    sp = request.sampling_params
-    return resolve_params(
-        family,
-        sp.extra_args,
-        max_tokens=request.max_tokens,
-        temperature=sp.temperature,
-        top_p=sp.top_p,
-        top_k=sp.top_k,
-        seed=sp.seed if sp.seed is not None else seed,
-        defaults=defaults,
-    )
-
-
 class DiffusionScheduler(Scheduler):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        model_config = self.vllm_config.model_config
-        self.family = family_of(model_config.architecture)
-        self.defaults = generation_defaults(model_config)
+        self.limits = engine_limits(self.vllm_config)
         self.diffusion_params: dict[str, DiffusionParams] = {}
         self.diffusion_step: dict[str, int] = {}
         self.sparsed: dict[str, SparsedState] = {}
-        self.sparsed_config = SparsedConfig.from_additional_config(
-            self.vllm_config.additional_config
-        )
-        parallel = self.vllm_config.parallel_config
-        self._num_layers = model_config.get_num_layers(parallel)
-        self._local_heads = model_config.get_num_attention_heads(parallel)
-        self.pattern_pool_bytes = self.sparsed_config.pattern_pool_bytes
+        self.step_tokens: dict[str, int] = {}
+        self.pattern_pool_bytes = self.limits.sparsed.pattern_pool_bytes
         self.pattern_pool_used = 0
         self._free_slots = list(range(self.max_num_running_reqs - 1, -1, -1))
         self._rejected: dict[str, str] = {}
         self._seeds = random.Random()
 
-    def request_cost(self, params: DiffusionParams, prompt_len: int) -> int:
-        """Tokens a request runs through the model every step."""
-        return (prompt_len + params.gen_length) * params.num_sequences
-
     def add_request(self, request: Request) -> None:
         super().add_request(request)
         try:
-            params = request_params(
-                request, self.family, self.defaults, self._seeds.getrandbits(63)
+            admission = admit_request(
+                self.limits,
+                request.sampling_params,
+                request.num_prompt_tokens,
+                seed=self._seeds.getrandbits(63),
             )
-            self._check_fits(request, params)
-            sparsed = self._sparsed_state(request, params)
         except ValueError as exc:
-            # Normally caught in the front end already; an engine-side failure must not crash it.
+            # The front end admits every request with the same checks; a failure here must still
+            # finish only this request, never the engine.
             logger.error("Rejecting request %s: %s", request.request_id, exc)
             self._rejected[request.request_id] = str(exc)
             return
-        self.diffusion_params[request.request_id] = params
-        self.sparsed[request.request_id] = sparsed
-
-    def _sparsed_state(self, request: Request, params: DiffusionParams) -> SparsedState:
-        seq_len = request.num_prompt_tokens + params.gen_length
-        settings = resolve_sparsed(self.sparsed_config, request.sampling_params.extra_args, seq_len)
-        if not settings.goes_sparse(params.steps):
-            return SparsedState(settings, 0)
-        cost = pattern_bytes(
-            seq_len,
-            params.gen_length,
-            settings,
-            num_layers=self._num_layers,
-            num_heads=self._local_heads,
-            num_sequences=params.num_sequences,
-        )
-        if cost > self.pattern_pool_bytes:
-            raise ValueError(
-                f"SparseD patterns of this request need {cost / 2**20:.1f} MiB, more than the "
-                f"whole pattern pool ({self.sparsed_config.pattern_pool_mb} MiB); raise "
-                "sparsed.pattern_pool_mb or send sparsed=false"
-            )
-        return SparsedState(settings, cost)
-
-    def _check_fits(self, request: Request, params: DiffusionParams) -> None:
-        length = request.num_prompt_tokens + params.gen_length
-        if length > self.max_model_len:
-            raise ValueError(
-                f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
-                f"({params.gen_length}) = {length} exceeds the model length {self.max_model_len}"
-            )
-        cost = self.request_cost(params, request.num_prompt_tokens)
-        if cost > self.max_num_scheduled_tokens:
-            raise ValueError(
-                f"one step of this request runs {cost} tokens, more than "
-                f"max_num_batched_tokens={self.max_num_scheduled_tokens}"
-            )
+        self.diffusion_params[request.request_id] = admission.params
+        self.sparsed[request.request_id] = SparsedState(admission.sparsed, admission.pattern_bytes)
+        self.step_tokens[request.request_id] = admission.step_tokens
 
     def schedule(self, throttle_prefills: bool = False) -> DiffusionSchedulerOutput:
         self.current_step += 1
@@ -202,9 +136,7 @@ class DiffusionScheduler(Scheduler):
         return DiffusionStep(step, stage=stage, slot=sparsed.slot)
 
     def _cost(self, request: Request) -> int:
-        return self.request_cost(
-            self.diffusion_params[request.request_id], request.num_prompt_tokens
-        )
+        return self.step_tokens[request.request_id]
 
     def _admit_waiting(self, budget: int, num_scheduled: dict[str, int]) -> list[Request]:
         admitted: list[Request] = []
@@ -225,6 +157,13 @@ class DiffusionScheduler(Scheduler):
             budget -= cost
             num_scheduled[request.request_id] = cost
             request.status = RequestStatus.RUNNING
+            if request.prefill_stats is not None:
+                # Counted once, on the request's first output (vllm:prompt_tokens_total).
+                request.prefill_stats.set(
+                    num_prompt_tokens=request.num_prompt_tokens,
+                    num_local_cached_tokens=0,
+                    num_external_cached_tokens=0,
+                )
             self.running.append(request)
             self.diffusion_step[request.request_id] = 0
             if self.log_stats:
@@ -284,6 +223,7 @@ class DiffusionScheduler(Scheduler):
         req_id = request.request_id
         self.diffusion_params.pop(req_id, None)
         self.diffusion_step.pop(req_id, None)
+        self.step_tokens.pop(req_id, None)
         sparsed = self.sparsed.pop(req_id, None)
         if sparsed is not None:
             self._release_patterns(req_id, sparsed)

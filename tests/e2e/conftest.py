@@ -16,6 +16,7 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 pytest.importorskip("vllm")
 
 from engines import make_llm  # noqa: E402  (after the skip: it imports vLLM)
+from servers import serve  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +41,22 @@ def llada_mask(llada_tiny_dir) -> int:
 @pytest.fixture(scope="session")
 def dream_mask(dream_tiny_dir) -> int:
     return json.loads((dream_tiny_dir / "config.json").read_text())["mask_token_id"]
+
+
+@pytest.fixture(scope="session")
+def server(llada_tiny_dir, tmp_path_factory):
+    """One OpenAI server on the tiny LLaDA checkpoint for the session (about 30 s to start)."""
+    with serve(llada_tiny_dir, tmp_path_factory.mktemp("server") / "server.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def model(llada_tiny_dir):
+    return str(llada_tiny_dir)

@@ -1,10 +1,10 @@
 """Run by test_ray.py in a process of its own: requests through a TP engine on the Ray executor.
 
 A process of its own because vLLM resolves its platform once per process: the test-only Ray CPU
-platform (`sparsed_vllm.testing.ray_platform`) is active only where SPARSED_VLLM_TEST_RAY_PLATFORM=1
-was set before vLLM was first used. The driver starts a local Ray cluster with one placeholder
-"GPU" per rank (as `ray start --num-gpus N` would), lets vLLM join it, and stops it at the end, so
-no Ray process outlives the test.
+platform (`sparsed_vllm_testing.ray_platform`, tests/support) is active only where
+SPARSED_VLLM_TEST_RAY_PLATFORM=1 was set before vLLM was first used. The driver starts a local
+Ray cluster with one placeholder "GPU" per rank (as `ray start --num-gpus N` would), lets vLLM join
+it, and stops it at the end, so no Ray process outlives the test.
 
     python ray_tp_driver.py JOB_JSON OUT_JSON
 
@@ -20,9 +20,8 @@ import sys
 
 def run(job: dict) -> dict:
     import ray
+    from sparsed_vllm_testing import rank_probe
     from vllm import LLM, SamplingParams
-
-    from sparsed_vllm.testing import rank_probe
 
     tp = job["tensor_parallel_size"]
     context = ray.init(num_gpus=tp, include_dashboard=False, _temp_dir=job["ray_temp_dir"])

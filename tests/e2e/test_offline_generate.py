@@ -42,9 +42,9 @@ def stop_ids(llm) -> set[int]:
         dict(steps=16, block_length=16, cfg_scale=1.0),
         dict(steps=16, block_length=8, cfg_scale=2.0),
         dict(steps=8, block_length=4, cfg_scale=0.5),
-        dict(steps=32, block_length=8),
+        dict(steps=16, block_length=4),
     ],
-    ids=["B16", "B8", "B4", "B16-cfg1", "B8-cfg2", "B4-cfg0.5", "more-steps-than-tokens"],
+    ids=["B16", "B8", "B4", "B16-cfg1", "B8-cfg2", "B4-cfg0.5", "one-token-per-step"],
 )
 def test_llada_greedy_equals_reference(llada_llm, llada_tiny, llada_mask, case):
     params = SamplingParams(max_tokens=GEN, temperature=0, extra_args=case)
@@ -138,6 +138,8 @@ def test_model_logits_match_reference(which, request):
         (dict(presence_penalty=0.5), "not supported by diffusion decoding: presence_penalty"),
         (dict(logprobs=2), "not supported by diffusion decoding: logprobs"),
         (dict(temperature=1.0, top_p=0.5), "top_p=0.5"),
+        # More steps than tokens would commit nothing at the extra steps.
+        (dict(extra_args={"steps": 32, "block_length": 8}), "steps must be <= 16, got 32"),
     ],
 )
 def test_invalid_requests_raise_naming_the_value(llada_llm, kwargs, message):

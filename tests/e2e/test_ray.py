@@ -1,10 +1,11 @@
 """Tensor parallelism through Ray (`distributed_executor_backend="ray"`), on CPU.
 
 vLLM refuses Ray on its CPU platform; the test-only platform plugin
-`sparsed_vllm.testing.ray_platform` (active with SPARSED_VLLM_TEST_RAY_PLATFORM=1) lifts that, so
-the Ray path runs here as on a GPU cluster: workers are Ray actors that load this plugin through
-its entry point, and the scheduler's per-request metadata reaches them every step. The engine runs
-in `ray_tp_driver.py`, a process of its own (see why there): one TP=2 engine, about 60 s.
+`sparsed_vllm_testing.ray_platform` (tests/support; active with SPARSED_VLLM_TEST_RAY_PLATFORM=1)
+lifts that, so the Ray path runs here as on a GPU cluster: workers are Ray actors that load this
+plugin through its entry point, and the scheduler's per-request metadata reaches them every step.
+The engine runs in `ray_tp_driver.py`, a process of its own (see why there): one TP=2 engine,
+about 60 s.
 """
 
 import json
@@ -32,7 +33,7 @@ def llada_batch(extra, temperature=0.8, seed=7):
     params = [
         {"max_tokens": 32, "temperature": 0, "extra_args": base},
         {"max_tokens": 32, "temperature": temperature, "seed": seed, "extra_args": base},
-        {"max_tokens": 16, "temperature": 0, "extra_args": {**base, "cfg_scale": 1.0}},
+        {"max_tokens": 16, "temperature": 0, "extra_args": {**base, "steps": 16, "cfg_scale": 1.0}},
     ]
     return [
         {"prompt": prompt, "params": {**p, "ignore_eos": True}}
@@ -101,14 +102,20 @@ def test_ray_ranks_sample_alike_and_store_their_own_heads(ray_result):
     assert {tuple(step["pattern_heads"]) for step in rank0} == {(), (HEADS // TP,)}
 
 
-def test_test_platform_is_registered_and_off_unless_asked(monkeypatch):
-    from importlib.metadata import entry_points
+def test_test_platform_is_off_unless_asked_and_not_shipped(monkeypatch):
+    from importlib.metadata import distribution, entry_points
 
-    from sparsed_vllm.testing import ray_platform
+    from sparsed_vllm_testing import ray_platform
 
     plugins = {e.name: e.value for e in entry_points(group="vllm.platform_plugins")}
-    assert plugins["sparsed_vllm_test_ray_cpu"] == "sparsed_vllm.testing.ray_platform:activate"
+    expected = "sparsed_vllm_testing.ray_platform:activate"
+    assert plugins["sparsed_vllm_testing_ray_cpu"] == expected
+    shipped = {(e.group, e.value) for e in distribution("sparsed-vllm").entry_points}
+    assert shipped == {
+        ("vllm.general_plugins", "sparsed_vllm.plugin:register"),
+        ("console_scripts", "sparsed_vllm.entrypoints.cli:main"),
+    }
     monkeypatch.delenv(ray_platform.ENV, raising=False)
     assert ray_platform.activate() is None
     monkeypatch.setenv(ray_platform.ENV, "1")
-    assert ray_platform.activate() == "sparsed_vllm.testing.ray_cpu_platform.RayCpuPlatform"
+    assert ray_platform.activate() == "sparsed_vllm_testing.ray_cpu_platform.RayCpuPlatform"

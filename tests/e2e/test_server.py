@@ -1,96 +1,14 @@
 """`sparsed-vllm serve` (vLLM's OpenAI server) on 127.0.0.1, driven by the official client."""
 
-import os
-import re
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
+from servers import metric, wait_for
 from vllm import SamplingParams
 
 SPARSE = {"sparsed": True, "sparsed_block_size": 16}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(llada_tiny_dir, tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "sparsed_vllm.entrypoints.cli",
-        "serve",
-        str(llada_tiny_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--max-model-len",
-        "256",
-        "--max-num-seqs",
-        "16",
-        "--seed",
-        "0",
-    ]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=60)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def model(llada_tiny_dir):
-    return str(llada_tiny_dir)
-
-
-def metric(server: str, name: str) -> float:
-    text = httpx.get(f"{server}/metrics", timeout=10).text
-    values = re.findall(rf"^{name}\{{[^}}]*\}} ([0-9.e+-]+)$", text, flags=re.M)
-    assert values, f"{name} not exported"
-    return sum(float(v) for v in values)
-
-
-def wait_for(condition, timeout: float = 30.0) -> bool:
-    deadline = time.time() + timeout
-    while not condition():
-        if time.time() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def offline(llm, prompt, max_tokens, extra, **sampling):
@@ -135,7 +53,7 @@ def test_chat_equals_offline_chat(client, model, llada_llm):
 
 
 def test_stream_sends_whole_blocks(client, model):
-    extra = {"steps": 64, "block_length": 8}
+    extra = {"steps": 32, "block_length": 8}
     kwargs = dict(model=model, prompt="Once upon a time", max_tokens=32, temperature=0)
     full = client.completions.create(**kwargs, extra_body={"vllm_xargs": extra})
     chunks = list(
@@ -165,6 +83,9 @@ def test_stream_sends_whole_blocks(client, model):
         (dict(max_tokens=16, extra_body={"vllm_xargs": {"sparsed_skip": -1}}), "sparsed_skip"),
         (dict(max_tokens=16, presence_penalty=1.0), "presence_penalty"),
         (dict(max_tokens=16, logprobs=2), "logprobs"),
+        (dict(max_tokens=16, extra_body={"vllm_xargs": {"steps": 1e30}}), "steps"),
+        (dict(max_tokens=16, extra_body={"vllm_xargs": {"steps": 17}}), "steps"),
+        (dict(max_tokens=16, seed=2**70), "seed"),
     ],
 )
 def test_bad_input_is_http_400_naming_the_field(client, model, kwargs, field):
@@ -174,14 +95,52 @@ def test_bad_input_is_http_400_naming_the_field(client, model, kwargs, field):
     assert field in info.value.message
 
 
+def test_top_level_diffusion_fields_are_refused_with_a_pointer_to_vllm_xargs(server, model):
+    body = {"model": model, "prompt": "hi", "max_tokens": 8, "steps": 8, "sparsed": 1}
+    response = httpx.post(f"{server}/v1/completions", json=body, timeout=30)
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert "sparsed, steps must be sent inside vllm_xargs" in message
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "block_length": 8}
+    response = httpx.post(f"{server}/v1/chat/completions", json=chat, timeout=30)
+    assert response.status_code == 400
+    assert "block_length must be sent inside vllm_xargs" in response.json()["error"]["message"]
+
+
+def test_chat_without_max_tokens_gets_the_default_canvas(client, model):
+    got = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Tell me a story."}],
+        temperature=0,
+        extra_body={"ignore_eos": True, "vllm_xargs": {"steps": 16, "block_length": 64}},
+    )
+    assert got.usage.completion_tokens == 128
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "word " * 90}], temperature=0
+        )
+    message = info.value.message
+    assert "the default canvas of 128 tokens (the request sent no max_tokens)" in message
+    assert "send max_tokens <= " in message
+
+
+def test_prompt_tokens_are_counted(server, client, model):
+    before = metric(server, "vllm:prompt_tokens_total")
+    got = client.completions.create(model=model, prompt="count me in", max_tokens=8, temperature=0)
+    assert wait_for(
+        lambda: metric(server, "vllm:prompt_tokens_total") == before + got.usage.prompt_tokens
+    )
+
+
 def test_disconnect_aborts_and_frees_pattern_memory(server, client, model):
     body = {
         "model": model,
         "prompt": "a long story",
-        "max_tokens": 128,
+        "max_tokens": 240,
         "temperature": 0,
         "stream": True,
-        "vllm_xargs": {"steps": 8192, "block_length": 8, **SPARSE},
+        # The longest request the tiny server runs (one step per token, both CFG sequences).
+        "vllm_xargs": {"steps": 240, "block_length": 8, "cfg_scale": 1.0, **SPARSE},
     }
     with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
@@ -201,7 +160,7 @@ def test_disconnect_aborts_and_frees_pattern_memory(server, client, model):
 
 def test_sixteen_concurrent_mixed_requests(server, client, model, llada_llm):
     def job(i):
-        extra = {"steps": 8 * (1 + i % 3), "block_length": 8}
+        extra = {"steps": 4 * (1 + i % 4), "block_length": 8}
         if i % 2:
             extra.update(SPARSE)
         prompt = f"request number {i} " + "x " * (i % 5)

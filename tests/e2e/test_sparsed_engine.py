@@ -87,8 +87,8 @@ def test_mixed_stage_batch_equals_requests_alone(llada_llm):
         llada_params({**SPARSE, "sparsed_skip": 0.6, "steps": 8}),
         llada_params({"sparsed": False}),
         llada_params({**SPARSE, "cfg_scale": 1.0, "sparsed_skip": 0.0}),
-        # Selection at step 5, a step with nothing left to commit in its block.
-        llada_params({**SPARSE, "steps": 16, "block_length": 4, "sparsed_skip": 0.25}, gen=8),
+        # Selection at step 5, in the second block.
+        llada_params({**SPARSE, "steps": 8, "block_length": 4, "sparsed_skip": 0.5}, gen=8),
     ]
     together = generate_ids(llada_llm, prompts, params)
     alone = [generate_ids(llada_llm, [p], sp)[0] for p, sp in zip(prompts, params, strict=True)]
@@ -213,6 +213,8 @@ def test_abort_mid_request_frees_pattern_memory(small_pool_engine):
 
 def test_request_larger_than_the_whole_pool_fails_clearly(small_pool_engine):
     params = SamplingParams(max_tokens=32, temperature=0, extra_args={"steps": 32})
-    tokens = _run(small_pool_engine, [("huge", list(range(1, 200)), params)])
-    assert tokens["huge"] == []
+    with pytest.raises(VLLMValidationError, match="more than the whole pattern pool") as info:
+        _run(small_pool_engine, [("huge", list(range(1, 200)), params)])
+    assert info.value.parameter == "sparsed"
+    assert not small_pool_engine.has_unfinished_requests()
     assert _scheduler(small_pool_engine).pattern_pool_used == 0

@@ -11,9 +11,8 @@ import math
 import pytest
 from engines import generate_ids, make_llm
 from sparsed_oracle import llada_oracle_generate
+from sparsed_vllm_testing import rank_probe
 from vllm import LLM, SamplingParams
-
-from sparsed_vllm.testing import rank_probe
 
 TP = 2
 PROMPT_37 = list(range(3, 40))  # 37 + 32 = 69 tokens: a partial last tile at block size 16
@@ -57,7 +56,10 @@ def llada_batch(extra):
         SamplingParams(max_tokens=32, temperature=0, ignore_eos=True, extra_args=base),
         SamplingParams(max_tokens=32, temperature=0.8, seed=7, ignore_eos=True, extra_args=base),
         SamplingParams(
-            max_tokens=16, temperature=0, ignore_eos=True, extra_args={**base, "cfg_scale": 1.0}
+            max_tokens=16,
+            temperature=0,
+            ignore_eos=True,
+            extra_args={**base, "steps": 16, "cfg_scale": 1.0},
         ),
     ]
 
@@ -99,10 +101,9 @@ def test_llada_tp2_sparsed_uses_all_heads_for_the_reference_scale(
     assert generate_ids(llada_tp2, [PROMPT_37], llada_batch(SPARSE)[:1]) == [expected]
 
 
-def test_steps_with_nothing_to_commit_under_tp2(llada_tp2, llada_llm):
-    # 8 steps per 4-token block: every request of the batch has steps with no masked token left,
-    # which run no forward and no logits all-gather (an empty all-gather crashes the workers).
-    extra = {"steps": 16, "block_length": 4, **DENSE}
+def test_one_token_per_step_under_tp2(llada_tp2, llada_llm):
+    # 4 steps per 4-token block: every step of every request commits exactly one token.
+    extra = {"steps": 8, "block_length": 4, **DENSE}
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, extra_args=extra)
     expected = generate_ids(llada_llm, PROMPTS, params)
     assert generate_ids(llada_tp2, PROMPTS, params) == expected

@@ -18,7 +18,7 @@ import os
 
 from vllm.platforms.cpu import CpuPlatform
 
-from sparsed_vllm.testing.ray_platform import ENV
+from sparsed_vllm_testing.ray_platform import ENV
 
 # Applied to every Ray worker; a value the caller already put in ray_runtime_env wins.
 ACTOR_ENV = {ENV: "1", "OMP_NUM_THREADS": "1"}
