@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU kernel tests, then the attention- and step-level benchmarks. Logs and JSON go to $OUT.
-#   OUT=out bash benchmarks/run_gpu.sh [tests] [attention] [step]
-# ATTN_ARGS / STEP_ARGS: extra arguments; ATTN_SWEEP=0: time only the default launch configs.
+#   OUT=out bash benchmarks/run_gpu.sh [tests] [attention] [step] [cached]
+# ATTN_ARGS / STEP_ARGS / CACHED_ARGS: extra arguments; ATTN_SWEEP=0: time only the default
+# launch configs.
 set -o pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -24,6 +25,8 @@ for part in "${@:-tests attention step}"; do
       attention) python3 benchmarks/bench_attention.py $( [ "${ATTN_SWEEP:-1}" = 1 ] && echo --sweep ) \
         --out "$OUT/attention.json" \
         ${ATTN_ARGS:-} 2>&1 | tee "$OUT/attention.log" ;;
+      cached) python3 benchmarks/bench_cached_attention.py --out "$OUT/cached_attention.json" \
+        ${CACHED_ARGS:-} 2>&1 | tee "$OUT/cached_attention.log" ;;
       step) python3 benchmarks/bench_step.py --out "$OUT/step.json" \
         $( [ -f "$OUT/attention.json" ] && echo --attention-json "$OUT/attention.json") \
         ${STEP_ARGS:-} 2>&1 | tee "$OUT/step.log" ;;

@@ -7,21 +7,27 @@ plain PyTorch references (`*_ref`) and the package itself work on CPU-only machi
 - `fused_select_pattern(q, k, cu_seqlens, gen_lengths, block_size, select, scale, lse=None)`:
   Triton, SparseD selection without materialising the L x L scores.
 - `dense_attention(q, k, v, cu_seqlens, max_seqlen, scale)`: the fastest dense kernel available.
+- `cached_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_table, scale)`: Triton,
+  a few query rows per sequence against all its keys in a paged KV cache (split-K).
 """
 
 import importlib
 
 from .block_sparse.naive import sparse_attention_ref
+from .cached.naive import cached_attention_ref
 from .dense import dense_attention, dense_backends
 from .pattern_selection.naive import select_pattern_ref, tile_importance_ref
 
 _TRITON_OPS = {
+    "cached_attention": ".cached.fused",
     "sparse_attention": ".block_sparse.fused",
     "fused_select_pattern": ".pattern_selection.fused",
     "fused_tile_importance": ".pattern_selection.fused",
 }
 
 __all__ = [
+    "cached_attention",
+    "cached_attention_ref",
     "dense_attention",
     "dense_backends",
     "fused_select_pattern",

@@ -53,7 +53,12 @@ def test_cfg_runs_two_sequences():
         (DREAM, {"alg": "best"}, 16, "alg must be one of .* got 'best'"),
         (DREAM, {"eps": 1.5}, 16, r"eps must be in \(0, 1\), got 1.5"),
         (DREAM, {"alg_temp": -0.1}, 16, "alg_temp must be 0 or >= 0.0001, got -0.1"),
-        (DREAM, {"block_length": 8}, 16, "'block_length' does not apply to dream"),
+        (
+            DREAM,
+            {"block_length": 8},
+            16,
+            "block_length applies to Dream only in its blockwise modes",
+        ),
         (DREAM, {}, 0, "max_tokens .* must be >= 1, got 0"),
     ],
 )

@@ -8,12 +8,12 @@ engine's config.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sparsed_vllm.core.capabilities import Backend
 from sparsed_vllm.core.errors import ParameterError
-from sparsed_vllm.core.params import DiffusionParams, resolve_params
+from sparsed_vllm.core.params import DecodingConfig, DiffusionParams, resolve_params
 from sparsed_vllm.core.sparsed import SparsedConfig, SparsedSettings, pattern_bytes, resolve_sparsed
 
 
@@ -33,10 +33,20 @@ class EngineLimits:
     # Per tensor-parallel rank: pattern memory is accounted per worker.
     num_layers: int
     num_heads: int
+    decoding: DecodingConfig = DecodingConfig()
+    # Tokens per KV-cache page (vLLM's KV block), and how many tokens the whole KV cache holds
+    # (None until the engine has sized it: the front end learns it once the engine is up).
+    kv_page_size: int = 128
+    kv_capacity_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        # The plugin-wide tile must be one this engine's kernels run (fails at start-up).
+        # Plugin-wide settings must be ones this engine's kernels run (fails at start-up).
         self.backend.check_tile("sparsed.block_size", self.sparsed.block_size)
+        self.backend.check_page_size(self.kv_page_size)
+        try:
+            self.backend.check_cache(self.decoding.cache)
+        except ParameterError as exc:
+            raise ValueError(f"decoding.{exc}") from None
 
 
 @dataclass(frozen=True)
@@ -46,8 +56,9 @@ class Admission:
     params: DiffusionParams
     sparsed: SparsedSettings
     seq_len: int  # prompt + canvas
-    step_tokens: int  # tokens one step runs through the model (x2 under CFG)
+    step_tokens: int  # tokens its first step runs through the model (x2 under CFG)
     pattern_bytes: int  # SparseD pattern memory per worker (0 when it never goes sparse)
+    kv_tokens: int  # KV-cache slots it holds while it runs (0 for cache "none")
 
 
 def admit(
@@ -73,7 +84,9 @@ def admit(
         top_k=top_k,
         seed=seed,
         defaults=limits.defaults,
+        decoding=limits.decoding,
     )
+    limits.backend.check_cache(params.cache)
     seq_len = prompt_len + params.gen_length
     if seq_len > limits.max_model_len:
         raise ParameterError(
@@ -89,7 +102,17 @@ def admit(
             f"one step of this request runs {step_tokens} tokens, more than "
             f"max_num_batched_tokens={limits.max_step_tokens}",
         )
+    kv_tokens = _kv_tokens(limits, params, seq_len)
     sparsed = resolve_sparsed(limits.sparsed, extra_args, seq_len, limits.backend)
+    if params.cache != "none" and sparsed.enabled:
+        if (extra_args or {}).get("sparsed"):
+            raise ParameterError(
+                "sparsed",
+                f"SparseD does not run with cache {params.cache!r} yet; send sparsed false, or "
+                "cache 'none' for SparseD",
+            )
+        # Cached decoding runs dense attention; plugin-wide SparseD applies to cache "none".
+        sparsed = replace(sparsed, enabled=False)
     cost = 0
     if sparsed.goes_sparse(params.steps):
         cost = pattern_bytes(
@@ -107,4 +130,19 @@ def admit(
                 f"whole pattern pool ({limits.sparsed.pattern_pool_mb} MiB); raise "
                 "sparsed.pattern_pool_mb or send sparsed=false",
             )
-    return Admission(params, sparsed, seq_len, step_tokens, cost)
+    return Admission(params, sparsed, seq_len, step_tokens, cost, kv_tokens)
+
+
+def _kv_tokens(limits: EngineLimits, params: DiffusionParams, seq_len: int) -> int:
+    """KV slots a cached request holds (its whole sequence); refused if the cache cannot hold it."""
+    if params.cache == "none":
+        return 0
+    capacity = limits.kv_capacity_tokens
+    if capacity is not None and seq_len > capacity:
+        raise ParameterError(
+            "cache",
+            f"cache {params.cache!r} keeps K/V for the whole sequence ({seq_len} tokens), more "
+            f"than the engine's KV cache holds ({capacity} tokens); send cache 'none', a shorter "
+            "request, or start the engine with more memory for the KV cache",
+        )
+    return seq_len

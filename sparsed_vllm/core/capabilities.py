@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsed_vllm.core.errors import ParameterError
+from sparsed_vllm.core.params import CACHE_MODES
 
 TRITON = "triton"
 EXACT = "exact"
@@ -31,6 +32,10 @@ class Backend:
     head_dims: tuple[int, ...] | None
     # None: any device type.
     device_types: tuple[str, ...] | None
+    # Decoding cache modes it runs (core.params.CACHE_MODES), and the KV-cache page sizes (vLLM's
+    # KV block size, --block-size) its cached attention reads; None: any page size.
+    cache_modes: tuple[str, ...]
+    kv_page_sizes: tuple[int, ...] | None
 
     def runs(self, device_type: str, dtype: torch.dtype, head_dim: int) -> bool:
         return (
@@ -38,6 +43,20 @@ class Backend:
             and dtype in self.dtypes
             and (self.head_dims is None or head_dim in self.head_dims)
         )
+
+    def check_page_size(self, page_size: int) -> None:
+        """ValueError (at start-up) if the engine's KV page size is one this backend cannot read."""
+        if self.kv_page_sizes is not None and page_size not in self.kv_page_sizes:
+            raise ValueError(
+                f"KV cache block size (--block-size) {page_size} is not supported by the "
+                f"{self.name} attention backend; use one of {self.kv_page_sizes}"
+            )
+
+    def check_cache(self, cache: str) -> None:
+        if cache not in self.cache_modes:
+            raise ParameterError(
+                "cache", f"cache {cache!r} is not run by the {self.name} attention backend"
+            )
 
     def check_tile(self, name: str, value: object) -> int:
         """The tile size as an int; ValueError naming `name` if this backend cannot run it."""
@@ -59,6 +78,8 @@ TRITON_BACKEND = Backend(
     dtypes=(torch.float16, torch.bfloat16),
     head_dims=(64, 128),
     device_types=("cuda",),
+    cache_modes=CACHE_MODES,
+    kv_page_sizes=(16, 32, 64, 128, 256),
 )
 # Plain PyTorch (SDPA and tile gathers): any device, dtype and head size; exact in fp32.
 EXACT_BACKEND = Backend(
@@ -67,6 +88,8 @@ EXACT_BACKEND = Backend(
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     head_dims=None,
     device_types=None,
+    cache_modes=CACHE_MODES,
+    kv_page_sizes=None,
 )
 BACKENDS = (TRITON_BACKEND, EXACT_BACKEND)
 # Every tile size some backend runs: what plugin-wide settings may name before the device is known.

@@ -18,9 +18,14 @@ FAMILIES = (LLADA, DREAM)
 REMASKING = ("low_confidence", "random")
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
+CACHE_MODES = ("none", "prefix", "dual")
+# Dream's cached decoding is blockwise (Fast-dLLM); its block length when the request sends none.
+DREAM_BLOCK_LENGTH = 32
+
 # extra_args keys per family; everything else in extra_args is rejected with its name.
-_COMMON_KEYS = ("steps",)
-_LLADA_KEYS = ("block_length", "remasking", "cfg_scale")
+# block_length is LLaDA's always and Dream's in its blockwise modes (cache or threshold/factor).
+_COMMON_KEYS = ("steps", "block_length")
+_LLADA_KEYS = ("remasking", "cfg_scale")
 _DREAM_KEYS = ("alg", "alg_temp", "eps")
 DIFFUSION_KEYS = _COMMON_KEYS + _LLADA_KEYS + _DREAM_KEYS
 SPARSED_KEYS = ("sparsed", "sparsed_skip", "sparsed_select", "sparsed_block_size")
@@ -31,8 +36,13 @@ DECODING_KEYS = ("cache", "threshold", "factor")
 class DiffusionParams:
     """Everything one request's denoising loop needs, fully resolved.
 
-    `gen_length` is the canvas length (the request's max_tokens). Dream decodes one canvas, which
-    is modelled as a single block (`block_length == gen_length`).
+    `gen_length` is the canvas length (the request's max_tokens). Dream's published decoding is
+    one canvas, modelled as a single block (`block_length == gen_length`); its blockwise modes
+    (a cache, threshold or factor) decode blocks of `block_length` like LLaDA.
+    `cache`: "none" (every step runs the whole sequence), "prefix" or "dual" (Fast-dLLM: a full
+    forward refreshes the K/V at each block's first step, later steps run only part of it).
+    `threshold` / `factor`: parallel decoding, commit every confident token (at most one is set);
+    the number of steps then depends on the model's confidence.
     """
 
     family: str
@@ -48,6 +58,9 @@ class DiffusionParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    cache: str = "none"
+    threshold: float | None = None
+    factor: float | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -61,6 +74,16 @@ class DiffusionParams:
     def num_sequences(self) -> int:
         """Sequences run per step: classifier-free guidance adds an unconditional copy."""
         return 2 if self.cfg_scale > 0 else 1
+
+    @property
+    def parallel(self) -> bool:
+        """Threshold or factor decoding: a block ends when it has no [MASK] left."""
+        return self.threshold is not None or self.factor is not None
+
+    @property
+    def blockwise_dream(self) -> bool:
+        """Dream decoded block by block (Fast-dLLM's rules) rather than as one canvas."""
+        return self.family == DREAM and (self.cache != "none" or self.parallel)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,6 +101,68 @@ def family_of(architecture: str) -> str:
 def diffusion_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
     """The diffusion keys of a checkpoint's generation config (Dream ships steps/alg/...)."""
     return {k: generation_config[k] for k in DIFFUSION_KEYS if generation_config.get(k) is not None}
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """Plugin-wide decoding defaults (`--additional-config '{"decoding": {...}}'`); a request
+    overrides them with the same names in extra_args / vllm_xargs."""
+
+    cache: str = "none"
+    threshold: float | None = None
+    factor: float | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            _decoding({"cache": self.cache, "threshold": self.threshold, "factor": self.factor})
+        except ParameterError as exc:
+            raise ValueError(f"decoding.{exc}") from None
+
+    @classmethod
+    def from_additional_config(cls, additional_config: dict[str, Any] | None) -> DecodingConfig:
+        section = (additional_config or {}).get("decoding", {})
+        if not isinstance(section, dict):
+            raise ValueError(f"additional_config 'decoding' must be an object, got {section!r}")
+        unknown = sorted(set(section) - set(DECODING_KEYS))
+        if unknown:
+            raise ValueError(
+                f"unknown decoding setting(s) {unknown}; supported: {', '.join(DECODING_KEYS)}"
+            )
+        return cls(**section)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _decoding(values: dict[str, Any]) -> dict[str, Any]:
+    """Validated cache / threshold / factor (None: not set)."""
+    cache = values.get("cache", "none")
+    if cache not in CACHE_MODES:
+        raise ParameterError("cache", f"cache must be one of {CACHE_MODES}, got {cache!r}")
+    threshold, factor = values.get("threshold"), values.get("factor")
+    if threshold is not None:
+        threshold = real("threshold", threshold)
+        if not 0 < threshold <= 1:
+            raise ParameterError("threshold", f"threshold must be in (0, 1], got {threshold}")
+    if factor is not None:
+        factor = real("factor", factor)
+        if factor <= 0:
+            raise ParameterError("factor", f"factor must be > 0, got {factor}")
+    if threshold is not None and factor is not None:
+        raise ParameterError(
+            "factor", "threshold and factor are alternative commit rules; send only one of them"
+        )
+    return {"cache": cache, "threshold": threshold, "factor": factor}
+
+
+def _merge_decoding(defaults: DecodingConfig | None, extra: dict[str, Any]) -> dict[str, Any]:
+    """Request values over plugin defaults; a request naming threshold or factor replaces the
+    plugin's commit rule (so a plugin-wide threshold and a request's factor do not clash)."""
+    values = (defaults or DecodingConfig()).to_dict()
+    if "threshold" in extra or "factor" in extra:
+        values.update(threshold=None, factor=None)
+    values.update({k: extra[k] for k in DECODING_KEYS if k in extra})
+    return _decoding(values)
 
 
 # torch.Generator.manual_seed takes these; larger seeds cannot even be sent to the engine.
@@ -121,7 +206,7 @@ def real(name: str, value: Any) -> float:
 
 
 def _check_keys(family: str, extra: dict[str, Any]) -> None:
-    allowed = set(_COMMON_KEYS) | set(SPARSED_KEYS)
+    allowed = set(_COMMON_KEYS) | set(SPARSED_KEYS) | set(DECODING_KEYS)
     allowed |= set(_LLADA_KEYS if family == LLADA else _DREAM_KEYS)
     for key in extra:
         if key in allowed:
@@ -143,8 +228,10 @@ def resolve_params(
     top_k: int = 0,
     seed: int = 0,
     defaults: dict[str, Any] | None = None,
+    decoding: DecodingConfig | None = None,
 ) -> DiffusionParams:
-    """Merge request values over checkpoint defaults and validate; ValueError names the value."""
+    """Merge request values over checkpoint and plugin defaults and validate; ParameterError
+    names the offending field."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}")
     extra = dict(extra_args or {})
@@ -155,6 +242,7 @@ def resolve_params(
     else:
         values = {k: v for k, v in values.items() if k not in _LLADA_KEYS}
     values.update({k: v for k, v in extra.items() if k in DIFFUSION_KEYS})
+    decoding_values = _merge_decoding(decoding, extra)
 
     gen_length = _integer("max_tokens", max_tokens, 1, note="(the generation length)")
     if temperature < 0:
@@ -167,10 +255,11 @@ def resolve_params(
         top_p=float(top_p),
         top_k=int(top_k) if top_k and top_k > 0 else 0,
         seed=_integer("seed", seed, *SEED_RANGE),
+        **decoding_values,
     )
     if family == LLADA:
         return _resolve_llada(values, common)
-    return _resolve_dream(values, common)
+    return _resolve_dream(values, common, block_length_sent="block_length" in extra)
 
 
 def _steps(extra: dict[str, Any], values: dict[str, Any], gen_length: int) -> int:
@@ -188,9 +277,7 @@ def _steps(extra: dict[str, Any], values: dict[str, Any], gen_length: int) -> in
     return min(default, gen_length)
 
 
-def _resolve_llada(values: dict[str, Any], common: dict[str, Any]) -> DiffusionParams:
-    gen_length, steps = common["gen_length"], common["steps"]
-    block_length = _integer("block_length", values.get("block_length", gen_length), 1, gen_length)
+def _check_blocks(gen_length: int, block_length: int, steps: int) -> None:
     if gen_length % block_length:
         raise ParameterError(
             "block_length",
@@ -203,6 +290,12 @@ def _resolve_llada(values: dict[str, Any], common: dict[str, Any]) -> DiffusionP
             f"steps {steps} is not divisible by the number of blocks {num_blocks} "
             f"(max_tokens {gen_length} / block_length {block_length})",
         )
+
+
+def _resolve_llada(values: dict[str, Any], common: dict[str, Any]) -> DiffusionParams:
+    gen_length, steps = common["gen_length"], common["steps"]
+    block_length = _integer("block_length", values.get("block_length", gen_length), 1, gen_length)
+    _check_blocks(gen_length, block_length, steps)
     remasking = values.get("remasking", "low_confidence")
     if remasking not in REMASKING:
         raise ParameterError(
@@ -211,6 +304,18 @@ def _resolve_llada(values: dict[str, Any], common: dict[str, Any]) -> DiffusionP
     cfg_scale = real("cfg_scale", values.get("cfg_scale", 0.0))
     if cfg_scale < 0:
         raise ParameterError("cfg_scale", f"cfg_scale must be >= 0, got {cfg_scale}")
+    if cfg_scale > 0 and common["cache"] != "none":
+        raise ParameterError(
+            "cfg_scale",
+            f"cfg_scale {cfg_scale} needs the whole sequence every step; it is not supported "
+            f"with cache {common['cache']!r} (send cache 'none' or cfg_scale 0)",
+        )
+    if remasking == "random" and (common["threshold"] is not None or common["factor"] is not None):
+        raise ParameterError(
+            "remasking",
+            "remasking 'random' gives random confidences, which a threshold or factor cannot "
+            "rank; use remasking 'low_confidence' with threshold/factor",
+        )
     if common["top_p"] < 1.0 or common["top_k"] > 0:
         raise ParameterError(
             "top_p" if common["top_p"] < 1.0 else "top_k",
@@ -222,7 +327,9 @@ def _resolve_llada(values: dict[str, Any], common: dict[str, Any]) -> DiffusionP
     )
 
 
-def _resolve_dream(values: dict[str, Any], common: dict[str, Any]) -> DiffusionParams:
+def _resolve_dream(
+    values: dict[str, Any], common: dict[str, Any], block_length_sent: bool
+) -> DiffusionParams:
     alg = values.get("alg", "origin")
     if alg not in DREAM_ALGS:
         raise ParameterError("alg", f"alg must be one of {DREAM_ALGS}, got {alg!r}")
@@ -234,6 +341,36 @@ def _resolve_dream(values: dict[str, Any], common: dict[str, Any]) -> DiffusionP
         raise ParameterError("eps", f"eps must be in (0, 1), got {eps}")
     if not 0 < common["top_p"] <= 1:
         raise ParameterError("top_p", f"top_p must be in (0, 1], got {common['top_p']}")
-    return DiffusionParams(
-        block_length=common["gen_length"], alg=alg, alg_temp=alg_temp, eps=eps, **common
+    params = DiffusionParams(
+        block_length=_dream_block_length(values, common, block_length_sent),
+        alg=alg,
+        alg_temp=alg_temp,
+        eps=eps,
+        **common,
     )
+    if params.blockwise_dream and not params.parallel and params.steps_per_block < 2:
+        raise ParameterError(
+            "steps",
+            f"steps {params.steps} gives {params.steps_per_block} step per block of "
+            f"{params.block_length}; Dream's blockwise schedule needs at least 2 (the first "
+            "step of a block commits only its first token): send more steps, fewer blocks, or "
+            "a threshold",
+        )
+    return params
+
+
+def _dream_block_length(values: dict[str, Any], common: dict[str, Any], sent: bool) -> int:
+    gen_length = common["gen_length"]
+    blockwise = common["cache"] != "none" or common["threshold"] or common["factor"]
+    if not blockwise:
+        if sent:
+            raise ParameterError(
+                "block_length",
+                "block_length applies to Dream only in its blockwise modes (cache 'prefix' or "
+                "'dual', or a threshold/factor); its published decoding is one canvas",
+            )
+        return gen_length
+    default = DREAM_BLOCK_LENGTH if gen_length % DREAM_BLOCK_LENGTH == 0 else gen_length
+    block_length = _integer("block_length", values.get("block_length", default), 1, gen_length)
+    _check_blocks(gen_length, block_length, common["steps"])
+    return block_length

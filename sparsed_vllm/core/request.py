@@ -1,12 +1,21 @@
-"""One request's denoising state: the canvas, the step counter and the commit rules.
+"""One request's decoding state: the canvas, the step counters, the plan of each step, the commits.
 
-A step is: `sequences()` gives the token rows to run through the model, `logit_positions()` the
-positions whose logits can change a token, and `advance(logits)` commits tokens and returns the
-ones that became final (a whole semi-autoregressive block at once). The model runner drives many
-of these side by side; the reference tests drive one with a plain PyTorch model.
+The one owner of everything per request that changes from step to step. A step is: `plan()` says
+which positions run through the model, whether their keys and values go to (or come from) the
+request's KV cache, which hidden rows need logits, and the SparseD stage; `advance(logits)`
+applies the commit rule and returns the tokens that became final (a whole block at once). Every
+tensor-parallel rank drives an identical copy with identical logits, so no step counter has to
+travel between processes. The model runner drives many of these side by side; the reference
+tests drive one with a plain PyTorch model.
+
+Decoding modes (`DiffusionParams`): LLaDA's blocks and Dream's single canvas as published, and
+Fast-dLLM's cached (`cache` prefix/dual) and parallel (`threshold`/`factor`) block loops, whose
+rules are stated in sparsed_vllm/reference/CACHED.md.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -19,26 +28,72 @@ from sparsed_vllm.core.sampling import (
     dream_timesteps,
     llada_num_transfer,
     llada_propose,
+    parallel_select,
 )
+from sparsed_vllm.core.sparsed import DENSE, SELECT, SPARSE, SparsedSettings
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One request's share of one engine step.
+
+    Positions [start, end) of each of its sequences run through the model. `cached`: their keys
+    and values are first written to the request's KV cache, and their queries attend to all
+    `seq_len` keys read from it (the rest as the block's refresh left them). Otherwise the step is
+    a full forward (start 0, end seq_len) whose attention uses its own keys; `store_kv` keeps them
+    in the cache for the block's later steps (a refresh).
+    """
+
+    start: int
+    end: int
+    seq_len: int
+    cached: bool
+    store_kv: bool
+    logit_rows: torch.Tensor  # [n] positions whose hidden rows need logits (absolute)
+    stage: str  # SparseD stage: dense | select | sparse
+    num_sequences: int
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens this step runs through the model (what the scheduler budgets)."""
+        return (self.end - self.start) * self.num_sequences
+
+    @property
+    def runs_forward(self) -> bool:
+        # Nothing to commit needs no forward, unless the step selects the SparseD patterns.
+        return self.logit_rows.numel() > 0 or self.stage == SELECT
 
 
 class DiffusionRequest:
-    """Canvas = prompt + gen_length x [MASK]; one call of `advance` per denoising step."""
+    """Canvas = prompt + gen_length x [MASK]; one `plan()` + `advance()` per denoising step."""
 
-    def __init__(self, prompt_ids: list[int], params: DiffusionParams, mask_id: int):
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: DiffusionParams,
+        mask_id: int,
+        sparsed: SparsedSettings | None = None,
+    ):
         if not prompt_ids:
             raise ValueError("the prompt must contain at least one token")
         self.params = params
         self.mask_id = mask_id
+        self.sparsed = sparsed
         self.prompt_len = len(prompt_ids)
         self.canvas = torch.tensor(
             list(prompt_ids) + [mask_id] * params.gen_length, dtype=torch.long
         )
-        self.step = 0
+        self.step = 0  # steps taken, all blocks together
+        self.block = 0  # the block being denoised
+        self.block_step = 0  # steps taken in it
         self.generator = torch.Generator().manual_seed(params.seed)
+        self.stage_counts = dict.fromkeys((DENSE, SELECT, SPARSE), 0)
+        self.commits: list[int] = []  # tokens committed by each step
         self._block_transfer: list[int] = []
         if params.family != LLADA:
-            self._timesteps = dream_timesteps(params.steps, params.eps)
+            # Dream's noise levels: over the whole canvas, or over each block's steps.
+            steps = params.steps_per_block if params.blockwise_dream else params.steps
+            self._timesteps = dream_timesteps(steps, params.eps)
 
     @property
     def seq_len(self) -> int:
@@ -46,12 +101,7 @@ class DiffusionRequest:
 
     @property
     def finished(self) -> bool:
-        return self.step >= self.params.steps
-
-    @property
-    def block(self) -> int:
-        """Index of the semi-autoregressive block being denoised (always 0 for Dream)."""
-        return min(self.step // self.params.steps_per_block, self.params.num_blocks - 1)
+        return self.block >= self.params.num_blocks
 
     def _block_range(self) -> tuple[int, int]:
         start = self.prompt_len + self.block * self.params.block_length
@@ -66,80 +116,164 @@ class DiffusionRequest:
         return [self.canvas, uncond]
 
     def candidate_positions(self) -> torch.Tensor:
-        """Canvas positions that may be committed this step (masked ones). [n]"""
-        if self.params.family == LLADA:
-            start, end = self._block_range()
-            window = self.canvas[start:end]
-            return torch.nonzero(window == self.mask_id).squeeze(-1) + start
-        return torch.nonzero(self.canvas == self.mask_id).squeeze(-1)
+        """Canvas positions that may be committed this step. [n]
+
+        LLaDA and Dream's blockwise modes: the masked positions of the current block (only its
+        first position at a blockwise Dream block's first step); Dream's published decoding: every
+        masked position.
+        """
+        p = self.params
+        if p.family != LLADA and not p.blockwise_dream:
+            return torch.nonzero(self.canvas == self.mask_id).squeeze(-1)
+        start, end = self._block_range()
+        if p.blockwise_dream and self.block_step == 0:
+            return torch.tensor([start])
+        return torch.nonzero(self.canvas[start:end] == self.mask_id).squeeze(-1) + start
 
     def logit_positions(self) -> torch.Tensor:
-        """Hidden-state rows whose logits are needed. [n]
+        """Hidden rows (absolute positions) whose logits this step needs. [n]"""
+        return self.plan().logit_rows
 
-        Dream predicts position i from the hidden state at i - 1 (its logits are shifted), and
-        position 0 from its own row, as the published shift `cat([logits[:1], logits[:-1]])`.
-        """
+    def stage(self) -> str:
+        """SparseD stage of this step (global step against the request's `steps`)."""
+        if self.sparsed is None:
+            return DENSE
+        return self.sparsed.stage(self.step, self.params.steps)
+
+    def plan(self) -> StepPlan:
+        """What this step runs. Cached modes: a block's first step is a full forward that
+        refreshes the cache; its later steps run the block (dual) or the block and everything
+        after it (prefix)."""
+        p, seq_len = self.params, self.seq_len
+        full = p.cache == "none" or self.block_step == 0
+        start, end = self._block_range()
+        if full:
+            start, end = 0, seq_len
+        elif p.cache == "prefix":
+            end = seq_len
         positions = self.candidate_positions()
-        return positions if self.params.family == LLADA else (positions - 1).clamp(min=0)
+        # Dream predicts position i from hidden row i - 1; the first row run reads its own.
+        rows = positions if p.family == LLADA else (positions - 1).clamp(min=start)
+        return StepPlan(
+            start=start,
+            end=end,
+            seq_len=seq_len,
+            cached=not full,
+            store_kv=p.cache != "none",
+            logit_rows=rows,
+            stage=self.stage(),
+            num_sequences=p.num_sequences,
+        )
 
     def advance(self, logits: torch.Tensor) -> list[int]:
-        """Commit this step's tokens. logits: [num_sequences, n, V] at `logit_positions()`.
+        """Commit this step's tokens. logits: [num_sequences, n, V] at the plan's `logit_rows`.
 
         Returns the tokens that became final this step (a finished block, or the whole canvas
-        for Dream at its last step); an empty list otherwise.
+        for Dream's published decoding at its last step); an empty list otherwise.
         """
         if self.finished:
             raise RuntimeError("advance() called on a finished request")
         positions = self.candidate_positions()
         if self.params.family == LLADA:
-            self._llada_step(positions, logits)
+            committed = self._llada_step(positions, logits)
+        elif self.params.blockwise_dream:
+            committed = self._dream_block_step(positions, logits[0])
         else:
-            self._dream_step(positions, logits[0])
+            committed = self._dream_step(positions, logits[0])
+        self.stage_counts[self.stage()] += 1
+        self.commits.append(committed)
         self.step += 1
-        return self._emitted()
-
-    def _emitted(self) -> list[int]:
-        p = self.params
-        if self.step % p.steps_per_block:
+        self.block_step += 1
+        if not self._block_done():
             return []
-        block = (self.step - 1) // p.steps_per_block
-        start = self.prompt_len + block * p.block_length
-        return self.canvas[start : start + p.block_length].tolist()
+        start, end = self._block_range()
+        self.block += 1
+        self.block_step = 0
+        return self.canvas[start:end].tolist()
 
-    def _llada_step(self, positions: torch.Tensor, logits: torch.Tensor) -> None:
+    def _block_done(self) -> bool:
         p = self.params
-        step_in_block = self.step % p.steps_per_block
-        if step_in_block == 0:
-            self._block_transfer = llada_num_transfer(positions.numel(), p.steps_per_block)
-        k = self._block_transfer[step_in_block]
-        if k == 0:
-            return
-        scores = logits[0] if p.cfg_scale <= 0 else cfg_logits(logits[0], logits[1], p.cfg_scale)
-        x0, confidence = llada_propose(scores, p.temperature, p.remasking, self.generator)
-        chosen = torch.topk(confidence, k).indices.cpu()
-        self.canvas[positions[chosen]] = x0.cpu()[chosen]
+        if p.family != LLADA and not p.blockwise_dream:
+            return self.block_step == p.steps  # Dream's canvas runs all its noise levels
+        # A block ends when it has no [MASK] left, or after its scheduled steps; parallel rules
+        # commit at least one token per step, so block_length steps bound them (a proposal may be
+        # the [MASK] token itself).
+        start, end = self._block_range()
+        masked = bool((self.canvas[start:end] == self.mask_id).any())
+        limit = p.block_length if p.parallel else p.steps_per_block
+        return not masked or self.block_step == limit
 
-    def _dream_step(self, positions: torch.Tensor, logits: torch.Tensor) -> None:
+    def _llada_step(self, positions: torch.Tensor, logits: torch.Tensor) -> int:
+        p = self.params
+        scores = logits[0] if p.cfg_scale <= 0 else cfg_logits(logits[0], logits[1], p.cfg_scale)
+        if p.parallel:
+            x0, confidence = llada_propose(
+                scores, p.temperature, p.remasking, self.generator, float64=True
+            )
+            chosen = parallel_select(confidence, p.threshold, p.factor)
+        else:
+            if self.block_step == 0:
+                self._block_transfer = llada_num_transfer(positions.numel(), p.steps_per_block)
+            k = self._block_transfer[self.block_step]
+            if k == 0:
+                return 0
+            x0, confidence = llada_propose(scores, p.temperature, p.remasking, self.generator)
+            chosen = torch.topk(confidence, k).indices.cpu()
+        self.canvas[positions[chosen]] = x0.cpu()[chosen]
+        return chosen.numel()
+
+    def _sample(self, logits: torch.Tensor, alg: str) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.params
+        return dream_sample(
+            logits,
+            alg=alg,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k,
+            generator=self.generator,
+        )
+
+    def _dream_step(self, positions: torch.Tensor, logits: torch.Tensor) -> int:
+        """Dream's published decoding: one canvas, `steps` noise levels."""
         p = self.params
         if positions.numel() == 0:
-            return
-        sample = dict(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k)
+            return 0
         if p.alg == "origin":
             t, s = self._timesteps[self.step], self._timesteps[self.step + 1]
             p_transfer = 1 - s / t if self.step < p.steps - 1 else 1
             transfer = torch.rand(positions.numel(), generator=self.generator) < p_transfer
             if transfer.any():
-                _, x0 = dream_sample(
-                    logits[transfer.to(logits.device)],
-                    alg="origin",
-                    generator=self.generator,
-                    **sample,
-                )
+                _, x0 = self._sample(logits[transfer.to(logits.device)], "origin")
                 self.canvas[positions[transfer]] = x0.cpu()
-            return
-        confidence, x0 = dream_sample(logits, alg=p.alg, generator=self.generator, **sample)
+            return int(transfer.sum())
+        confidence, x0 = self._sample(logits, p.alg)
         k = dream_num_transfer(positions.numel(), self.step, p.steps, self._timesteps)
         if k <= 0:
-            return
+            return 0
         chosen = choose_positions(confidence, k, p.alg_temp, self.generator)
         self.canvas[positions[chosen]] = x0.cpu()[chosen]
+        return k
+
+    def _dream_block_step(self, positions: torch.Tensor, logits: torch.Tensor) -> int:
+        """Fast-dLLM's blockwise Dream: a block's first step commits its first position; later
+        steps commit by threshold/factor, or by the block's own noise levels scored by `alg`
+        (origin, which has no score, by negative entropy as Fast-dLLM's loop does)."""
+        p = self.params
+        if positions.numel() == 0:
+            return 0
+        if self.block_step == 0:
+            chosen = torch.tensor([0])
+            x0 = self._sample(logits, "maskgit_plus")[1]
+        elif p.parallel:
+            confidence, x0 = self._sample(logits, "maskgit_plus")
+            chosen = parallel_select(confidence, p.threshold, p.factor)
+        else:
+            alg = "entropy" if p.alg == "origin" else p.alg
+            confidence, x0 = self._sample(logits, alg)
+            n = positions.numel()
+            k = dream_num_transfer(n, self.block_step, p.steps_per_block, self._timesteps)
+            if k <= 0:
+                return 0
+            chosen = choose_positions(confidence, k, p.alg_temp, self.generator)
+        self.canvas[positions[chosen]] = x0.cpu()[chosen]
+        return chosen.numel()

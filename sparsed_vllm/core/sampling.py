@@ -25,11 +25,17 @@ def _rand(shape: tuple[int, ...], generator: torch.Generator, dtype=torch.float3
 
 
 def llada_propose(
-    logits: torch.Tensor, temperature: float, remasking: str, generator: torch.Generator
+    logits: torch.Tensor,
+    temperature: float,
+    remasking: str,
+    generator: torch.Generator,
+    float64: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Proposed tokens and their confidence. logits: [n, V] -> (x0 [n], confidence [n]).
 
     Gumbel-max in float64 with `exp(logits) / (-log U) ** temperature`; temperature 0 is argmax.
+    The confidence is the softmax probability of x0 in the logits' dtype (LLaDA's schedule), or in
+    float64 with `float64` (Fast-dLLM's threshold and factor rules).
     """
     if temperature == 0:
         x0 = logits.argmax(dim=-1)
@@ -38,7 +44,7 @@ def llada_propose(
         gumbel = (-torch.log(noise)) ** temperature
         x0 = (logits.to(torch.float64).exp() / gumbel).argmax(dim=-1)
     if remasking == "low_confidence":
-        probs = F.softmax(logits, dim=-1)
+        probs = F.softmax(logits.to(torch.float64) if float64 else logits, dim=-1)
         confidence = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
     elif remasking == "random":
         confidence = _rand((logits.shape[0],), generator, device=logits.device)
@@ -111,6 +117,29 @@ def dream_num_transfer(num_masked: int, step: int, steps: int, timesteps: torch.
         return num_masked
     t, s = timesteps[step], timesteps[step + 1]
     return int(torch.tensor(float(num_masked)) * (1 - s / t))
+
+
+def parallel_select(
+    confidence: torch.Tensor, threshold: float | None, factor: float | None
+) -> torch.Tensor:
+    """Fast-dLLM's parallel commit over one step's candidates. confidence: [n] -> indices [k].
+
+    threshold: every candidate with confidence >= threshold, and always the most confident one.
+    factor: sorted descending c_0 >= c_1 >= ..., the first j >= 1 with c_j < 1 - factor / (j + 2)
+    gives j tokens (all n when no j fails), except that j = n - 1 also commits the last one (the
+    published rule's boundary case).
+    """
+    if threshold is not None:
+        chosen = confidence >= threshold
+        chosen[torch.argmax(confidence)] = True
+        return torch.nonzero(chosen).squeeze(-1).cpu()
+    ordered = torch.sort(confidence, descending=True).values.tolist()
+    n = len(ordered)
+    failing = (j for j in range(1, n) if ordered[j] < 1 - factor / (j + 2))
+    count = next(failing, n)
+    if count == n - 1:
+        count = n
+    return torch.topk(confidence, count).indices.cpu()
 
 
 def choose_positions(

@@ -4,6 +4,10 @@ Module names mirror the published checkpoints, so `state_dict()` keys ARE the re
 and loading is a strict `load_state_dict`. Attention is bidirectional (no mask). The attention
 function is swappable: any `(q, k, v) -> out` with q/k/v/out in [B, H, L, D] (k and v are already
 expanded to the query heads for GQA), given per call or per layer.
+
+Cached decoding (CACHED.md) needs two more forwards: `forward_with_kv` (a full forward that also
+returns every layer's keys and values) and `forward_window` (a slice of the sequence run against
+such a cache, its fresh keys and values replacing the slice's).
 """
 
 from __future__ import annotations
@@ -95,6 +99,48 @@ def _attention(
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     out = attn_fn(q, k, v)  # [B, H, L, D]
     return out.transpose(1, 2).flatten(2)
+
+
+def _kv_heads(t: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Undo the GQA expansion: [B, H, L, D] with H = groups * Hkv -> [B, Hkv, L, D]."""
+    return t[:, :: t.shape[1] // num_kv_heads].contiguous()
+
+
+def _recording_attention(attn_fn: AttnFn, num_kv_heads: int, slot: list, layer: int) -> AttnFn:
+    """`attn_fn` that also stores its post-RoPE (k, v), before GQA expansion, in slot[layer]."""
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        slot[layer] = (_kv_heads(k, num_kv_heads), _kv_heads(v, num_kv_heads))
+        return attn_fn(q, k, v)
+
+    return attend
+
+
+def _window_attention(cache_k: torch.Tensor, cache_v: torch.Tensor, start: int) -> AttnFn:
+    """Attention of a window at [start, start + n) over a copy of one layer's cache in which the
+    window's fresh keys and values replace that slice. cache_k/v: [B, Hkv, L, D]."""
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        groups, end = q.shape[1] // cache_k.shape[1], start + q.shape[2]
+        keys, values = cache_k.clone(), cache_v.clone()
+        keys[:, :, start:end] = k[:, ::groups]
+        values[:, :, start:end] = v[:, ::groups]
+        keys, values = (t.repeat_interleave(groups, dim=1) for t in (keys, values))
+        return sdpa_attention(q, keys, values)  # [B, H, n, D]
+
+    return attend
+
+
+def _check_window(window_ids: torch.Tensor, start: int, kv: Sequence, num_layers: int) -> None:
+    """Refuse a window that does not fit the cache it is spliced into."""
+    if len(kv) != num_layers:
+        raise ValueError(f"kv has {len(kv)} layers, the model has {num_layers}")
+    batch, seq_len = kv[0][0].shape[0], kv[0][0].shape[2]
+    if window_ids.dim() != 2 or window_ids.shape[0] != batch:
+        raise ValueError(f"window_ids must be [{batch}, n], got shape {tuple(window_ids.shape)}")
+    end = start + window_ids.shape[1]
+    if start < 0 or end > seq_len:
+        raise ValueError(f"window [{start}, {end}) does not fit the cached length {seq_len}")
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -207,6 +253,45 @@ class _ReferenceLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids: [B, L] -> raw logits [B, L, V] (no shift)."""
         return self.compute_logits(self.forward_hidden(input_ids, positions, attn_fn))
+
+    def forward_with_kv(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn_fn: AttnArg = None,
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Full forward that also returns every layer's keys and values.
+
+        input_ids: [B, L] -> (hidden [B, L, hidden], kv), kv[layer] = (k, v), each
+        [B, Hkv, L, D]: keys after RoPE, both before the GQA expansion.
+        """
+        layers = self._parts()[1]
+        kv: list = [None] * len(layers)
+        attn_fns = [
+            _recording_attention(
+                _layer_attn_fn(attn_fn, self.attn_fn, i), self.config.num_key_value_heads, kv, i
+            )
+            for i in range(len(layers))
+        ]
+        return self.forward_hidden(input_ids, positions, attn_fns), kv
+
+    def forward_window(
+        self,
+        window_ids: torch.Tensor,
+        start: int,
+        kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """Forward of the positions [start, start + n) against a K/V cache of the whole sequence.
+
+        window_ids: [B, n]; kv as returned by `forward_with_kv` for length L. In every layer the
+        window's fresh keys and values replace positions [start, start + n) of a copy of that
+        layer's cache (`kv` itself is not modified) and the window's queries attend, unmasked,
+        to all L positions. RoPE uses the absolute positions. -> hidden [B, n, hidden].
+        """
+        _check_window(window_ids, start, kv, len(self._parts()[1]))
+        positions = torch.arange(start, start + window_ids.shape[1], device=window_ids.device)
+        attn_fns = [_window_attention(k, v, start) for k, v in kv]
+        return self.forward_hidden(window_ids, positions, attn_fns)
 
 
 class LLaDAModel(_ReferenceLM):

@@ -18,7 +18,7 @@ from vllm.sampling_params import SamplingParams
 from sparsed_vllm.core.admission import Admission, EngineLimits, admit
 from sparsed_vllm.core.capabilities import select_backend
 from sparsed_vllm.core.errors import ParameterError
-from sparsed_vllm.core.params import diffusion_defaults, family_of
+from sparsed_vllm.core.params import DecodingConfig, diffusion_defaults, family_of
 from sparsed_vllm.core.sparsed import SparsedConfig
 
 
@@ -33,6 +33,9 @@ def engine_limits(vllm_config: VllmConfig) -> EngineLimits:
     parallel = vllm_config.parallel_config
     scheduler = vllm_config.scheduler_config
     step_tokens = scheduler.max_num_scheduled_tokens or scheduler.max_num_batched_tokens
+    cache = vllm_config.cache_config
+    # Known once the engine has sized its KV cache (vLLM keeps one block as its null block).
+    capacity = (cache.num_gpu_blocks - 1) * cache.block_size if cache.num_gpu_blocks else None
     return EngineLimits(
         family=family_of(model.architecture),
         defaults=generation_defaults(model),
@@ -44,6 +47,9 @@ def engine_limits(vllm_config: VllmConfig) -> EngineLimits:
         max_step_tokens=step_tokens,
         num_layers=model.get_num_layers(parallel),
         num_heads=model.get_num_attention_heads(parallel),
+        decoding=DecodingConfig.from_additional_config(vllm_config.additional_config),
+        kv_page_size=cache.block_size,
+        kv_capacity_tokens=capacity,
     )
 
 

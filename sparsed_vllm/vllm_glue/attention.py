@@ -1,13 +1,20 @@
-"""Attention backend for diffusion LMs: bidirectional varlen attention without a KV cache.
+"""Attention backend for diffusion LMs: bidirectional varlen attention, with or without a KV cache.
 
 Why it exists: vLLM's attention layers find their per-step metadata through the forward context
 and call `impl.forward(layer, q, k, v, kv_cache, metadata, output)`. The diffusion model runner
-builds `DiffusionAttentionMetadata` itself (no block tables: there is no cache), and this impl
-runs exact attention over each sequence of the flattened batch. The models pass this backend to
-their `DiffusionAttention` layers directly, so it is used on every platform (the CPU platform
-would otherwise always pick CPU_ATTN).
+builds `DiffusionAttentionMetadata` itself. A step's batch holds two kinds of sequences, laid out
+full ones first:
+- full sequences (exact decoding, and the refresh step of a cached request): attention over the
+  sequence's own keys, dense or at its SparseD stage;
+- cached sequences (the later steps of a cached request): the fed window's queries against all
+  keys of the sequence, read from its pages of the KV cache after the window's fresh keys and
+  values were written there.
+Rows listed in `kv_write` (a refresh's whole sequence, a cached step's window) are written to the
+layer's KV cache first. The models pass this backend to their `DiffusionAttention` layers
+directly, so it is used on every platform (the CPU platform would otherwise always pick CPU_ATTN).
 vLLM internals used (0.32): AttentionBackend/AttentionImpl signatures, Attention.__init__'s use of
-`get_name()` as an AttentionBackendEnum member.
+`get_name()` as an AttentionBackendEnum member, the layer's `kv_cache` attribute (bound by the
+diffusion model runner, passed to `impl.forward` by vLLM's attention op).
 """
 
 from __future__ import annotations
@@ -40,16 +47,40 @@ class SequenceSparsity:
 
 
 @dataclass
-class DiffusionAttentionMetadata:
-    """One step's batch: sequences laid end to end (prompt + canvas, plus CFG copies)."""
+class CachedBatch:
+    """The cached sequences of a step: their window rows, after the full ones in the batch."""
 
-    seq_lens: list[int]
+    cu_seqlens_q: torch.Tensor  # [Bc + 1] int32: window rows per sequence
+    kv_lens: torch.Tensor  # [Bc] int32: every key of the sequence
+    block_table: torch.Tensor  # [Bc, max_pages] int32: the sequence's KV pages, in order
+    max_kv_len: int
+
+
+@dataclass
+class KVWrite:
+    """Batch rows whose keys and values go to the KV cache, and their slots (page * size + row)."""
+
+    rows: torch.Tensor | None  # [n] int64; None: every row of the batch
+    slots: torch.Tensor  # [n] int64
+
+
+@dataclass
+class DiffusionAttentionMetadata:
+    """One step's batch: full sequences laid end to end, then the cached windows."""
+
+    seq_lens: list[int]  # full sequences (prompt + canvas, plus CFG copies)
     cu_seqlens: torch.Tensor  # [B + 1] int32
     max_seqlen: int
-    # Per sequence; None when every sequence is dense this step.
+    # Per full sequence; None when every full sequence is dense this step.
     sparsity: list[SequenceSparsity] | None = None
     patterns: PatternStore = field(default_factory=PatternStore)
     selection_scale: float | None = None
+    cached: CachedBatch | None = None
+    kv_write: KVWrite | None = None
+
+    @property
+    def num_full_tokens(self) -> int:
+        return sum(self.seq_lens)
 
     @classmethod
     def build(
@@ -59,6 +90,8 @@ class DiffusionAttentionMetadata:
         sparsity: list[SequenceSparsity] | None = None,
         patterns: PatternStore | None = None,
         selection_scale: float | None = None,
+        cached: CachedBatch | None = None,
+        kv_write: KVWrite | None = None,
     ) -> DiffusionAttentionMetadata:
         cu = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(torch.tensor(seq_lens, dtype=torch.int32), 0)
@@ -67,10 +100,12 @@ class DiffusionAttentionMetadata:
         return cls(
             seq_lens=seq_lens,
             cu_seqlens=cu.to(device),
-            max_seqlen=max(seq_lens),
+            max_seqlen=max(seq_lens, default=0),
             sparsity=sparsity,
             patterns=patterns if patterns is not None else PatternStore(),
             selection_scale=selection_scale,
+            cached=cached,
+            kv_write=kv_write,
         )
 
 
@@ -95,6 +130,15 @@ def _use_kernels(q: torch.Tensor) -> bool:
     """Triton/cuDNN kernels where the capability table picks them (the same table request
     validation reads), the exact PyTorch path everywhere else."""
     return select_backend(q.device.type, q.dtype, q.shape[-1]).name == TRITON
+
+
+def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, write: KVWrite):
+    """Store rows of k/v `[N, Hkv, D]` into a layer's cache `[2, pages, page_size, Hkv, D]`."""
+    if write.rows is not None:
+        key, value = key[write.rows], value[write.rows]
+    flat = kv_cache.flatten(1, 2)  # [2, pages * page_size, Hkv, D]
+    flat[0].index_copy_(0, write.slots, key)
+    flat[1].index_copy_(0, write.slots, value)
 
 
 class DiffusionAttentionImpl(AttentionImpl):
@@ -137,16 +181,40 @@ class DiffusionAttentionImpl(AttentionImpl):
             # Shape-only passes (profiling) carry no batch description.
             output.zero_()
             return output
-        if attn_metadata.sparsity is None:
-            output.copy_(self._dense(query, key, value, attn_metadata))
-            return output
-        start = 0
-        for seq_len, seq in zip(attn_metadata.seq_lens, attn_metadata.sparsity, strict=True):
-            end = start + seq_len
-            q, k, v = query[start:end], key[start:end], value[start:end]
-            output[start:end] = self._staged(layer.layer_index, q, k, v, seq, attn_metadata)
-            start = end
+        if attn_metadata.kv_write is not None:
+            write_kv(kv_cache, key, value, attn_metadata.kv_write)
+        full = attn_metadata.num_full_tokens
+        if full:
+            q, k, v = query[:full], key[:full], value[:full]
+            output[:full] = self._full(layer.layer_index, q, k, v, attn_metadata)
+        if attn_metadata.cached is not None:
+            output[full:] = self._cached(query[full:], kv_cache, attn_metadata.cached)
         return output
+
+    def _full(self, layer_index, q, k, v, metadata: DiffusionAttentionMetadata) -> torch.Tensor:
+        """Full sequences: dense in one varlen call, or one sequence at a time by stage."""
+        if metadata.sparsity is None:
+            return self._dense(q, k, v, metadata)
+        out = torch.empty_like(q)
+        start = 0
+        for seq_len, seq in zip(metadata.seq_lens, metadata.sparsity, strict=True):
+            end = start + seq_len
+            qs, ks, vs = q[start:end], k[start:end], v[start:end]
+            out[start:end] = self._staged(layer_index, qs, ks, vs, seq, metadata)
+            start = end
+        return out
+
+    def _cached(self, q, kv_cache: torch.Tensor, batch: CachedBatch) -> torch.Tensor:
+        """Window queries `[Tq, Hq, D]` against every key of their sequences' pages."""
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        args = (q, k_cache, v_cache, batch.cu_seqlens_q, batch.kv_lens, batch.block_table)
+        if _use_kernels(q):
+            from sparsed_vllm.kernels import cached_attention
+
+            return cached_attention(*args, self.scale, max_kv_len=batch.max_kv_len)
+        from sparsed_vllm.kernels import cached_attention_ref
+
+        return cached_attention_ref(*args, self.scale)
 
     def _dense(self, q, k, v, metadata: DiffusionAttentionMetadata) -> torch.Tensor:
         if _use_kernels(q):
@@ -212,8 +280,9 @@ class DiffusionAttentionBackend(AttentionBackend):
         raise NotImplementedError("DiffusionAttentionBackend has no metadata builder")
 
     @staticmethod
-    def get_kv_cache_shape(*args, **kwargs):
-        raise NotImplementedError("diffusion attention keeps no KV cache")
+    def get_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size, *args, **kwargs):
+        """Per layer: keys and values of every page, `[2, pages, page_size, Hkv, D]`."""
+        return (2, num_blocks, block_size, num_kv_heads, head_size)
 
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
@@ -221,7 +290,8 @@ class DiffusionAttentionBackend(AttentionBackend):
 
 
 class DiffusionAttention(Attention):
-    """Bidirectional attention layer with no KV cache (so the engine allocates none)."""
+    """Bidirectional attention layer. vLLM sees no KV cache in it (`get_kv_cache_spec` is None):
+    the diffusion model runner declares and binds the cache of cached decoding itself."""
 
     def __init__(self, num_heads: int, head_size: int, scale: float, **kwargs) -> None:
         super().__init__(

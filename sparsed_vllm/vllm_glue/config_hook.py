@@ -9,7 +9,7 @@ before vLLM picks its compilation mode, which decides whether its fused custom o
 
 from __future__ import annotations
 
-from vllm.config import CompilationMode, ModelConfig, VllmConfig
+from vllm.config import CompilationMode, CUDAGraphMode, ModelConfig, VllmConfig
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
@@ -23,6 +23,8 @@ _GLUE = "sparsed_vllm.vllm_glue"
 SCHEDULER_CLS = f"{_GLUE}.scheduler.DiffusionScheduler"
 CPU_WORKER_CLS = f"{_GLUE}.worker.DiffusionCPUWorker"
 GPU_WORKER_CLS = f"{_GLUE}.worker.DiffusionGPUWorker"
+KV_PAGE_SIZE = 128
+CPU_KV_CACHE_BYTES = 2**30
 
 
 class DiffusionLMConfig(VerifyAndUpdateConfig):
@@ -61,12 +63,19 @@ class DiffusionLMConfig(VerifyAndUpdateConfig):
             # SiLU-and-mul) off in favour of an Inductor pass that never runs here, leaving them
             # as unfused torch ops. An explicit mode or `custom_ops` from the user is kept.
             compilation.mode = CompilationMode.NONE
+        if compilation.cudagraph_mode is None:
+            # The runner captures no vLLM CUDA graphs (the batch shape changes every step).
+            compilation.cudagraph_mode = CUDAGraphMode.NONE
         cache = vllm_config.cache_config
         cache.enable_prefix_caching = False
+        if not cache.user_specified_block_size:
+            # One KV page per SparseD tile of the default size (128): cached steps then read
+            # whole pages, and kept key tiles map to pages one to one.
+            cache.block_size = KV_PAGE_SIZE
         if current_platform.is_cpu() and cache.kv_cache_memory_bytes is None:
-            # No KV cache is allocated; without an explicit size the CPU worker refuses to start
-            # unless 92% of the node's memory is free.
-            cache.kv_cache_memory_bytes = 0
+            # The CPU worker needs an explicit KV size (it otherwise requires 92% of the node's
+            # memory to be free); cached decoding keeps K/V there, exact decoding needs none.
+            cache.kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
         # Every step runs the whole sequence, twice under classifier-free guidance.
         budget = max(scheduler.max_num_batched_tokens, 2 * model_config.max_model_len)
         scheduler.max_num_batched_tokens = budget

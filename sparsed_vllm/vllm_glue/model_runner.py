@@ -1,14 +1,23 @@
 """Model runner for diffusion decoding: one call of `execute_model` is one denoising step.
 
 Why it exists: vLLM's runners are built around an input batch, block tables and last-token
-sampling. Here every scheduled request contributes its whole sequence (prompt + canvas, plus a
-prompt-masked copy under classifier-free guidance) to one flattened varlen batch; logits are
-computed only at positions whose token can still be committed; each request's own
-`DiffusionRequest` applies the commit rule and returns a finished block's tokens (or nothing).
-Every tensor-parallel rank runs this identically (same metadata, same seeded generators) so the
-canvases never diverge.
+sampling. Here each scheduled request's decode state (`core.request.DiffusionRequest`, owned
+here) plans its step: the whole sequence (plus a prompt-masked copy under classifier-free
+guidance), or, at a cached step, only a window of it whose queries read the other keys from the
+request's pages of the KV cache. The runner lays the planned rows out as one varlen batch (full
+sequences first, cached windows after), computes logits only at the rows the plans ask for, lets
+each state commit, and reports each request's next step cost to the scheduler. Every
+tensor-parallel rank runs this identically (same plans, same seeded generators, all-gathered
+logits), so the canvases never diverge.
+The KV cache: cached decoding keeps K/V in vLLM's KV cache. `get_kv_cache_spec` declares one
+full-attention page of `cache_config.block_size` tokens per layer, vLLM sizes it from the memory
+left after `profile_run` (under `gpu_memory_utilization`) and the scheduler allocates pages per
+request through vLLM's KV cache manager; `initialize_kv_cache` allocates one
+`[2, pages, page_size, Hkv, D]` tensor per layer (the layout the attention backend reads) and
+binds it to the layer.
 vLLM internals used (0.32): SchedulerOutput/NewRequestData fields, `set_forward_context`,
-`get_model`, `ModelRunnerOutput`, and the runner methods the Worker calls.
+`get_model`, `ModelRunnerOutput`, `FullAttentionSpec`, `KVCacheConfig.num_blocks`, the
+`Attention.kv_cache` attribute, and the runner methods the workers call.
 """
 
 from __future__ import annotations
@@ -21,22 +30,38 @@ from vllm.config import VllmConfig
 from vllm.forward_context import set_forward_context
 from vllm.logger import init_logger
 from vllm.model_executor.model_loader import get_model
+from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
 from sparsed_vllm.core.params import LLADA, DiffusionParams, family_of
 from sparsed_vllm.core.pattern import default_scale, llada_reference_scale
-from sparsed_vllm.core.request import DiffusionRequest
+from sparsed_vllm.core.request import DiffusionRequest, StepPlan
 from sparsed_vllm.core.sparsed import SELECT, PatternStore, SparsedConfig, SparsedSettings
-from sparsed_vllm.vllm_glue.attention import DiffusionAttentionMetadata, SequenceSparsity
+from sparsed_vllm.vllm_glue.attention import (
+    CachedBatch,
+    DiffusionAttention,
+    DiffusionAttentionMetadata,
+    KVWrite,
+    SequenceSparsity,
+)
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so it shares its handlers
+
+# Logit rows the memory profile reserves for one step: a LLaDA step needs its requests' block
+# rows, Dream's published single canvas all its masked positions.
+PROFILE_LOGIT_ROWS = 8192
 
 
 @dataclass
 class DiffusionRunnerOutput(ModelRunnerOutput):
+    # req_id -> tokens its next step runs (the scheduler's budget); absent once it finished.
+    next_step_tokens: dict[str, int] = field(default_factory=dict)
     # req_id -> mean fraction of kept tiles over layers, heads and query tiles, reported on the
-    # request's selection step (the scheduler logs it with the request's stage counts).
+    # request's selection step.
     kept_fraction: dict[str, float] = field(default_factory=dict)
+    # req_id -> a one-line summary (steps, tokens per step, SparseD stages) when a request that
+    # decoded in parallel or went sparse finishes.
+    finished_summaries: dict[str, str] = field(default_factory=dict)
 
 
 def selection_scale(config: SparsedConfig, hf_config, head_dim: int) -> float:
@@ -54,6 +79,16 @@ def mask_token_id(hf_config) -> int:
     return int(mask_id)
 
 
+@dataclass
+class _Row:
+    """One sequence of the step's batch."""
+
+    req_id: str
+    index: int  # sequence within the request (1: the CFG copy)
+    tokens: torch.Tensor  # [start:end] of the sequence
+    plan: StepPlan
+
+
 class DiffusionModelRunner:
     def __init__(self, vllm_config: VllmConfig, device: torch.device) -> None:
         self.vllm_config = vllm_config
@@ -61,9 +96,11 @@ class DiffusionModelRunner:
         self.device = device
         self.dtype = self.model_config.dtype
         self.mask_id = mask_token_id(self.model_config.hf_config)
+        # The one owner of each request's step state; pattern slots and KV pages are the
+        # scheduler's resources, kept here by id.
         self.requests: dict[str, DiffusionRequest] = {}
-        # req_id -> (SparseD settings, pattern slot) for requests that go sparse.
-        self.sparsed: dict[str, tuple[SparsedSettings, int]] = {}
+        self.slots: dict[str, int] = {}
+        self.kv_pages: dict[str, torch.Tensor] = {}
         self.patterns = PatternStore()
         hf_config = self.model_config.hf_config
         self.selection_scale = selection_scale(
@@ -82,18 +119,45 @@ class DiffusionModelRunner:
         start = time.perf_counter()
         if load_dummy_weights:
             self.vllm_config.load_config.load_format = "dummy"
+        before = self._allocated()
         self.model = get_model(vllm_config=self.vllm_config)
+        # vLLM's memory profile counts weights separately from the profile run's peak.
+        self.model_memory_usage = self._allocated() - before
         logger.info("Loaded diffusion model in %.2f s", time.perf_counter() - start)
+
+    def _allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
 
     def get_model(self) -> torch.nn.Module:
         return self.model
 
+    def _attention_layers(self) -> dict[str, DiffusionAttention]:
+        return {m.layer_name: m for m in self.model.modules() if isinstance(m, DiffusionAttention)}
+
     def get_kv_cache_spec(self) -> dict:
-        # No layer keeps a KV cache: the engine then profiles and allocates nothing.
-        return {}
+        """One full-attention KV page per layer (used only by cached decoding's requests)."""
+        page = self.vllm_config.cache_config.block_size
+        return {
+            name: FullAttentionSpec(
+                block_size=page,
+                num_kv_heads=layer.num_kv_heads,
+                head_size=layer.head_size,
+                dtype=self.dtype,
+                non_causal=True,
+            )
+            for name, layer in self._attention_layers().items()
+        }
 
     def initialize_kv_cache(self, kv_cache_config, kv_cache_allocation_context=None) -> None:
-        return None
+        """One `[2, pages, page_size, Hkv, D]` tensor per layer, bound to the layer; the pages
+        are as many as vLLM sized the cache for (its per-layer byte budget)."""
+        page = self.vllm_config.cache_config.block_size
+        pages = kv_cache_config.num_blocks
+        self.kv_caches = []
+        for layer in sorted(self._attention_layers().values(), key=lambda m: m.layer_index):
+            shape = (2, pages, page, layer.num_kv_heads, layer.head_size)
+            layer.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.kv_caches.append(layer.kv_cache)
 
     def get_supported_tasks(self) -> tuple[str, ...]:
         return ("generate",)
@@ -102,13 +166,27 @@ class DiffusionModelRunner:
         self.model_config.max_model_len = max_model_len
 
     @torch.inference_mode()
-    def warming_up_model(self) -> None:
-        """One forward over a max-length sequence, so the first request pays no warm-up."""
-        length = min(self.model_config.max_model_len, 256)
-        ids = torch.full((length,), self.mask_id, dtype=torch.long, device=self.device)
-        self._forward([ids])
+    def profile_run(self, randomize_inputs: bool = False) -> None:
+        """The largest step's activations, logits and the pattern pool, so that vLLM leaves them
+        room when it sizes the KV cache."""
+        scheduler = self.vllm_config.scheduler_config
+        tokens = scheduler.max_num_scheduled_tokens or scheduler.max_num_batched_tokens
+        longest = self.model_config.max_model_len
+        lengths = [longest] * (tokens // longest) + ([tokens % longest] if tokens % longest else [])
+        sequences = [torch.full((n,), self.mask_id, dtype=torch.long) for n in lengths]
+        pool = SparsedConfig.from_additional_config(self.vllm_config.additional_config)
+        reserved = torch.empty(pool.pattern_pool_bytes, dtype=torch.uint8, device=self.device)
+        hidden = self._forward(sequences)
+        self.model.compute_logits(hidden[: min(longest, PROFILE_LOGIT_ROWS)])
+        del reserved, hidden
 
-    # Housekeeping the Worker may call; nothing to do without caches, LoRA or drafts.
+    @torch.inference_mode()
+    def warming_up_model(self) -> None:
+        """One forward over a short sequence, so the first request pays no warm-up."""
+        length = min(self.model_config.max_model_len, 256)
+        self._forward([torch.full((length,), self.mask_id, dtype=torch.long)])
+
+    # Housekeeping the Worker may call; nothing to do without LoRA or drafts.
     def reset_mm_cache(self) -> None:
         return None
 
@@ -120,7 +198,8 @@ class DiffusionModelRunner:
 
     def shutdown(self) -> None:
         self.requests.clear()
-        self.sparsed.clear()
+        self.slots.clear()
+        self.kv_pages.clear()
 
     def add_lora(self, *args, **kwargs):
         raise ValueError("LoRA is not supported for diffusion LMs")
@@ -140,45 +219,27 @@ class DiffusionModelRunner:
     # The step.
     def _drop(self, req_id: str) -> None:
         self.requests.pop(req_id, None)
-        sparsed = self.sparsed.pop(req_id, None)
-        if sparsed is not None:
-            self.patterns.drop(sparsed[1])
+        self.kv_pages.pop(req_id, None)
+        slot = self.slots.pop(req_id, None)
+        if slot is not None:
+            self.patterns.drop(slot)
 
     def _sync_requests(self, scheduler_output) -> None:
         # Ids of requests this worker never saw (aborted while waiting) are ignored.
         for req_id in scheduler_output.finished_req_ids:
             self._drop(req_id)
-        steps = scheduler_output.diffusion_steps
+        starts = scheduler_output.diffusion_starts
         for new in scheduler_output.scheduled_new_reqs:
-            step = steps[new.req_id]
-            params = DiffusionParams(**step.params)
-            self.requests[new.req_id] = DiffusionRequest(new.prompt_token_ids, params, self.mask_id)
-            if step.slot is not None:
-                self.sparsed[new.req_id] = (SparsedSettings(**step.sparsed), step.slot)
-        for req_id in scheduler_output.num_scheduled_tokens:
-            expected, actual = steps[req_id].step, self.requests[req_id].step
-            if expected != actual:
-                raise RuntimeError(
-                    f"request {req_id}: scheduler is at step {expected}, worker at {actual}"
-                )
-
-    def _forward(
-        self, sequences: list[torch.Tensor], sparsity: list[SequenceSparsity] | None = None
-    ) -> torch.Tensor:
-        """Hidden states of sequences laid end to end. -> [sum(L), hidden]"""
-        input_ids = torch.cat(sequences).to(self.device)
-        positions = torch.cat([torch.arange(s.numel()) for s in sequences]).to(self.device)
-        metadata = DiffusionAttentionMetadata.build(
-            [s.numel() for s in sequences],
-            self.device,
-            sparsity,
-            self.patterns,
-            self.selection_scale,
-        )
-        with set_forward_context(
-            metadata, self.vllm_config, num_tokens=input_ids.numel(), slot_mapping={}
-        ):
-            return self.model(input_ids=input_ids, positions=positions)
+            start = starts[new.req_id]
+            sparsed = SparsedSettings(**start.sparsed) if start.sparsed is not None else None
+            params = DiffusionParams(**start.params)
+            self.requests[new.req_id] = DiffusionRequest(
+                new.prompt_token_ids, params, self.mask_id, sparsed
+            )
+            if start.slot is not None:
+                self.slots[new.req_id] = start.slot
+            if new.block_ids:
+                self.kv_pages[new.req_id] = torch.tensor(new.block_ids[0], dtype=torch.long)
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output, intermediate_tensors=None) -> ModelRunnerOutput:
@@ -187,58 +248,129 @@ class DiffusionModelRunner:
         if not req_ids:
             return EMPTY_MODEL_RUNNER_OUTPUT
         requests = [self.requests[r] for r in req_ids]
-        steps = scheduler_output.diffusion_steps
-        sequences, rows, counts, sparsity = [], [], [], []
-        offset = 0
-        for req_id, request in zip(req_ids, requests, strict=True):
-            positions = request.logit_positions()
-            counts.append(positions.numel())
-            stage = steps[req_id].stage
-            # A step with nothing left to commit (more steps than masked tokens in the block)
-            # needs no forward, unless it is the step that selects the SparseD patterns.
-            if positions.numel() == 0 and stage != SELECT:
-                continue
-            for index, seq in enumerate(request.sequences()):
-                sequences.append(seq)
-                rows.append(positions + offset)
-                offset += seq.numel()
-                sparsity.append(self._sequence_sparsity(req_id, index, stage))
-        logits = self._logits(sequences, rows, sparsity)
-        sampled = self._advance(requests, counts, logits)
-        kept = {r: self._kept_fraction(r) for r in req_ids if steps[r].stage == SELECT}
-        for req_id, request in zip(req_ids, requests, strict=True):
-            if request.finished:
-                self._drop(req_id)
-        return DiffusionRunnerOutput(
+        plans = [request.plan() for request in requests]
+        logits = self._logits(req_ids, requests, plans)
+        sampled = self._advance(requests, [p.logit_rows.numel() for p in plans], logits)
+        output = DiffusionRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
             sampled_token_ids=sampled,
-            kept_fraction=kept,
+        )
+        for req_id, request, plan in zip(req_ids, requests, plans, strict=True):
+            if plan.stage == SELECT:
+                output.kept_fraction[req_id] = self._kept_fraction(req_id)
+            if request.finished:
+                if request.stage_counts[SELECT] or request.params.parallel:
+                    output.finished_summaries[req_id] = _summary(request)
+                self._drop(req_id)
+            else:
+                output.next_step_tokens[req_id] = request.plan().num_tokens
+        return output
+
+    def _logits(self, req_ids, requests, plans) -> torch.Tensor:
+        """fp32 logits at the planned rows, request by request, sequence by sequence. [n, V]"""
+        vocab = self.model_config.get_vocab_size()
+        rows = [
+            _Row(req_id, index, seq[plan.start : plan.end], plan)
+            for req_id, request, plan in zip(req_ids, requests, plans, strict=True)
+            if plan.runs_forward
+            for index, seq in enumerate(request.sequences())
+        ]
+        if not rows:
+            return torch.empty(0, vocab, device=self.device)
+        # Full sequences first, cached windows after: each kind is one contiguous varlen range.
+        batch = [r for r in rows if not r.plan.cached] + [r for r in rows if r.plan.cached]
+        offsets, offset = {}, 0
+        for row in batch:
+            offsets[(row.req_id, row.index)] = offset
+            offset += row.tokens.numel()
+        row_index = torch.cat(
+            [
+                row.plan.logit_rows - row.plan.start + offsets[(row.req_id, row.index)]
+                for row in rows
+            ]
+        )
+        if row_index.numel() == 0:
+            # A selection step with nothing to commit still runs its forward; the logits
+            # all-gather under TP must never see an empty tensor.
+            self._forward_rows(batch)
+            return torch.empty(0, vocab, device=self.device)
+        hidden = self._forward_rows(batch)
+        return self.model.compute_logits(hidden[row_index.to(self.device)]).float()
+
+    def _forward_rows(self, batch: list[_Row]) -> torch.Tensor:
+        full = [r for r in batch if not r.plan.cached]
+        cached = [r for r in batch if r.plan.cached]
+        metadata = DiffusionAttentionMetadata.build(
+            [r.tokens.numel() for r in full],
+            self.device,
+            [self._sequence_sparsity(r) for r in full],
+            self.patterns,
+            self.selection_scale,
+            cached=self._cached_batch(cached),
+            kv_write=self._kv_write(batch),
+        )
+        positions = [torch.arange(r.plan.start, r.plan.end) for r in batch]
+        return self._run(torch.cat([r.tokens for r in batch]), torch.cat(positions), metadata)
+
+    def _forward(self, sequences: list[torch.Tensor]) -> torch.Tensor:
+        """Hidden states of whole sequences laid end to end, dense. -> [sum(L), hidden]"""
+        metadata = DiffusionAttentionMetadata.build([s.numel() for s in sequences], self.device)
+        positions = torch.cat([torch.arange(s.numel()) for s in sequences])
+        return self._run(torch.cat(sequences), positions, metadata)
+
+    def _run(self, input_ids, positions, metadata) -> torch.Tensor:
+        input_ids, positions = input_ids.to(self.device), positions.to(self.device)
+        with set_forward_context(
+            metadata, self.vllm_config, num_tokens=input_ids.numel(), slot_mapping={}
+        ):
+            return self.model(input_ids=input_ids, positions=positions)
+
+    def _cached_batch(self, cached: list[_Row]) -> CachedBatch | None:
+        if not cached:
+            return None
+        pages = [self.kv_pages[r.req_id] for r in cached]
+        table = torch.nn.utils.rnn.pad_sequence(pages, batch_first=True)
+        lens = [0] + [r.tokens.numel() for r in cached]
+        return CachedBatch(
+            cu_seqlens_q=torch.tensor(lens).cumsum(0).to(self.device, torch.int32),
+            kv_lens=torch.tensor([r.plan.seq_len for r in cached]).to(self.device, torch.int32),
+            block_table=table.to(self.device, torch.int32),
+            max_kv_len=max(r.plan.seq_len for r in cached),
         )
 
-    def _logits(self, sequences, rows, sparsity) -> torch.Tensor:
-        """fp32 logits at the candidate rows of all sequences. -> [sum(rows), V]"""
-        vocab = self.model_config.get_vocab_size()
-        if not sequences:
-            return torch.empty(0, vocab, device=self.device)
-        hidden = self._forward(sequences, sparsity)
-        row_index = torch.cat(rows).to(self.device)
-        if row_index.numel() == 0:
-            # The logits all-gather under TP must never see an empty tensor.
-            return torch.empty(0, vocab, device=self.device)
-        return self.model.compute_logits(hidden[row_index]).float()
+    def _kv_write(self, batch: list[_Row]) -> KVWrite | None:
+        """Slots of the rows whose K/V the cache keeps: a refresh's sequence, a cached window."""
+        page = self.vllm_config.cache_config.block_size
+        rows, slots, offset = [], [], 0
+        for row in batch:
+            n = row.tokens.numel()
+            if row.plan.store_kv:
+                position = torch.arange(row.plan.start, row.plan.end)
+                slots.append(self.kv_pages[row.req_id][position // page] * page + position % page)
+                rows.append(torch.arange(offset, offset + n))
+            offset += n
+        if not slots:
+            return None
+        row_index = torch.cat(rows)
+        everything = row_index.numel() == offset
+        return KVWrite(
+            rows=None if everything else row_index.to(self.device),
+            slots=torch.cat(slots).to(self.device),
+        )
 
-    def _sequence_sparsity(self, req_id: str, index: int, stage: str) -> SequenceSparsity:
-        request = self.requests[req_id]
-        settings, slot = self.sparsed.get(req_id, (None, -1))
+    def _sequence_sparsity(self, row: _Row) -> SequenceSparsity:
+        request = self.requests[row.req_id]
+        settings = request.sparsed
+        key = (self.slots.get(row.req_id, -1), row.index)
         if settings is None:
-            return SequenceSparsity(stage, (slot, index), request.params.gen_length, 0, 0.0)
+            return SequenceSparsity(row.plan.stage, key, request.params.gen_length, 0, 0.0)
         return SequenceSparsity(
-            stage, (slot, index), request.params.gen_length, settings.block_size, settings.select
+            row.plan.stage, key, request.params.gen_length, settings.block_size, settings.select
         )
 
     def _kept_fraction(self, req_id: str) -> float:
-        slot = self.sparsed[req_id][1]
+        slot = self.slots[req_id]
         fractions = [
             _pattern_kept_fraction(p)
             for index in range(self.requests[req_id].params.num_sequences)
@@ -254,7 +386,7 @@ class DiffusionModelRunner:
         sampled, start = [], 0
         for request, n in zip(requests, counts, strict=True):
             count = request.params.num_sequences * n
-            # n may be 0: a block whose tokens are all committed before its last step.
+            # n may be 0: nothing left to commit at this step.
             per_seq = logits[start : start + count].view(
                 request.params.num_sequences, n, logits.shape[-1]
             )
@@ -269,6 +401,18 @@ class DiffusionModelRunner:
     def sample_tokens(self, grammar_output) -> ModelRunnerOutput:
         # execute_model already sampled; the engine calls this only if it returned None.
         return EMPTY_MODEL_RUNNER_OUTPUT
+
+
+def _summary(request: DiffusionRequest) -> str:
+    p, counts = request.params, request.stage_counts
+    text = (
+        f"{request.step} steps, {p.gen_length / request.step:.2f} tokens/step "
+        f"(cache {p.cache}, threshold {p.threshold}, factor {p.factor})"
+    )
+    if counts[SELECT]:
+        text += f"; SparseD {counts['dense']} dense, {counts[SELECT]} select, "
+        text += f"{counts['sparse']} sparse steps"
+    return text
 
 
 def _pattern_kept_fraction(pattern) -> float:

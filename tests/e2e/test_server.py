@@ -132,25 +132,25 @@ def test_prompt_tokens_are_counted(server, client, model):
     )
 
 
-def test_disconnect_aborts_and_frees_pattern_memory(server, client, model):
+def test_disconnect_aborts_and_frees_kv_memory(server, client, model):
     body = {
         "model": model,
         "prompt": "a long story",
         "max_tokens": 240,
         "temperature": 0,
         "stream": True,
-        # The longest request the tiny server runs (one step per token, both CFG sequences).
-        "vllm_xargs": {"steps": 240, "block_length": 8, "cfg_scale": 1.0, **SPARSE},
+        # A long cached request (one step per token): it holds KV pages while it runs.
+        "vllm_xargs": {"steps": 240, "block_length": 8, "cache": "prefix"},
     }
     with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
         # Keep the iterator referenced: closing it would close the connection early.
         lines = response.iter_lines()
         assert any(line.startswith("data: {") for line in lines)  # first committed block
-        # Running, with its pattern memory reserved (the gauges update a moment after the
-        # step); then hang up mid-generation.
+        # Running, with its KV pages held (the gauges update a moment after the step); then
+        # hang up mid-generation.
         assert wait_for(lambda: metric(server, "vllm:num_requests_running") == 1), "not running"
-        assert wait_for(lambda: metric(server, "vllm:kv_cache_usage_perc") > 0), "no patterns"
+        assert wait_for(lambda: metric(server, "vllm:kv_cache_usage_perc") > 0), "no KV"
         response.close()
     assert wait_for(lambda: metric(server, "vllm:num_requests_running") == 0), "not aborted"
     assert wait_for(lambda: metric(server, "vllm:kv_cache_usage_perc") == 0), "not freed"

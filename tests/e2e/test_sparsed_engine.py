@@ -184,7 +184,7 @@ def test_pool_too_small_queues_requests_and_all_finish(small_pool_engine):
 
     together = _run(engine, [(r, p, params) for r, p in prompts.items()], on_step)
     assert max(running) == 1  # patterns of two requests do not fit: the others waited
-    assert scheduler.pattern_pool_used == 0 and not scheduler.sparsed
+    assert scheduler.pattern_pool_used == 0 and not scheduler.budgets
     assert engine.collective_rpc(_worker_slots)[0] == []
     for req_id, prompt in prompts.items():
         alone = _run(engine, [(req_id + "-alone", prompt, params)])
@@ -202,7 +202,7 @@ def test_abort_mid_request_frees_pattern_memory(small_pool_engine):
         engine.step()
     assert scheduler.pattern_pool_used > 0
     assert len(engine.collective_rpc(_worker_slots)[0]) == 1
-    assert scheduler.get_kv_cache_usage() > 0
+    assert scheduler.pattern_pool_usage() > 0
     engine.abort_request(["victim"])
     while engine.has_unfinished_requests() or _scheduler(engine).has_requests():
         engine.step()

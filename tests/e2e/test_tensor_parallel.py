@@ -110,6 +110,31 @@ def test_one_token_per_step_under_tp2(llada_tp2, llada_llm):
     assert [len(t) for t in expected] == [8, 8, 8]
 
 
+def test_llada_tp2_cached_equals_tp1(llada_tp2, llada_llm):
+    """Each rank keeps the K/V of its own heads in its KV cache; pages and plans agree."""
+    batch = [
+        SamplingParams(
+            max_tokens=32,
+            temperature=0,
+            ignore_eos=True,
+            extra_args={"steps": 32, "block_length": 8, "cache": "dual"},
+        ),
+        SamplingParams(
+            max_tokens=32,
+            temperature=0.8,
+            seed=3,
+            ignore_eos=True,
+            extra_args={"steps": 16, "block_length": 8, "cache": "prefix", "threshold": 0.5},
+        ),
+        SamplingParams(
+            max_tokens=16, temperature=0, ignore_eos=True, extra_args={"steps": 16, **DENSE}
+        ),
+    ]
+    expected = generate_ids(llada_llm, PROMPTS, batch)
+    assert generate_ids(llada_tp2, PROMPTS, batch) == expected
+    assert [len(t) for t in expected] == [32, 32, 16]
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_dream_gqa_tp2_equals_tp1(dream_tp2, dream_llm, mode):
     expected = generate_ids(dream_llm, PROMPTS, dream_batch(MODES[mode]))
