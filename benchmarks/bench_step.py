@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import triton
 from sparsed_vllm.kernels import dense_attention, fused_select_pattern, sparse_attention
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm import tqdm
 
 D_MODEL, HEADS, HEAD_DIM, MLP, VOCAB, LAYERS = 4096, 32, 128, 12288, 126464, 32
 
@@ -214,7 +215,7 @@ def main():
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "lens": {},
     }
-    for seq_len in map(int, args.lens.split(",")):
+    for seq_len in tqdm(list(map(int, args.lens.split(","))), desc="lengths", unit="L"):
         times = step_times(seq_len, args.select, args.gen_length, sparse_cfg, mass_cfg)
         proj = {steps: project(times, steps, args.skip) for steps in (128, 1024)}
         proj_fused = {steps: project(times, steps, args.skip, True) for steps in (128, 1024)}
@@ -223,7 +224,7 @@ def main():
             "projection": proj,
             "projection_fused": proj_fused,
         }
-        print(json.dumps({seq_len: results["lens"][seq_len]}, indent=1), flush=True)
+        tqdm.write(json.dumps({seq_len: results["lens"][seq_len]}, indent=1))
         torch.cuda.empty_cache()
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)

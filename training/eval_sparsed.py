@@ -19,6 +19,7 @@ from pathlib import Path
 
 import tasks
 from tokenizers import Tokenizer
+from tqdm import tqdm
 from train import TokenIds, encode_example, token_counter
 from vllm import LLM, SamplingParams
 
@@ -112,6 +113,8 @@ def main() -> None:
         **extra_engine,
     )
     rows: dict[str, dict[int, dict]] = {}
+    configs = configurations(args.block_size)
+    progress = tqdm(total=len(args.lengths) * len(configs), desc="configurations", unit="config")
     for length in args.lengths:
         examples = tasks.make_examples(
             args.n * len(args.kinds), args.seed + length, length, args.kinds, token_counter(tok)
@@ -120,13 +123,14 @@ def main() -> None:
             {"prompt_token_ids": encode_example(tok, e, ids, args.gen_len)[0]} for e in examples
         ]
         dense: list[str] = []
-        for label, sparsed in configurations(args.block_size):
+        for label, sparsed in configs:
             outputs = llm.generate(prompts, sampling_params(args.gen_len, sparsed), use_tqdm=False)
             texts = [o.outputs[0].text for o in outputs]
             dense = dense or texts
             scores = score(texts, dense, examples)
             rows.setdefault(label, {})[length] = scores
-            print(
+            progress.update()
+            tqdm.write(
                 f"{length} tokens, {label}: "
                 + ", ".join(
                     f"{kind} {acc:.3f} ({agree:.2f})" for kind, (acc, agree) in scores.items()

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
+from tqdm import tqdm
 
 from sparsed_vllm.checkpoint import Shape, generation_config, llada_config
 from sparsed_vllm.configs import LLaDAConfig
@@ -398,6 +399,7 @@ def train(
     )
     start = time.perf_counter()
     steps_run = 0
+    bar = tqdm(total=cfg.steps, desc="training", unit="step", mininterval=5)
     for step, cpu_batch in enumerate(loader):
         elapsed = time.perf_counter() - start
         progress = step / cfg.steps
@@ -415,17 +417,22 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         steps_run = step + 1
+        bar.update()
         if step % log_every == 0 or step == cfg.steps - 1:
             shape_str = "x".join(map(str, batch[0].shape))
             lr = optimizer.param_groups[0]["lr"]
-            print(f"step {step:5d} loss {loss.item():.4f} lr {lr:.2e} batch {shape_str}", end="")
-            print(f" {elapsed:.0f}s")
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", batch=shape_str)
+            tqdm.write(
+                f"step {step:5d} loss {loss.item():.4f} lr {lr:.2e} batch {shape_str} "
+                f"{elapsed:.0f}s"
+            )
         if cfg.eval_every and step and step % cfg.eval_every == 0:
             acc = evaluate(model, tok, ids, cfg, current_max_len(step, cfg) - 32, 12, step, device)
-            print(f"step {step:5d} greedy accuracy {acc}")
+            tqdm.write(f"step {step:5d} greedy accuracy {acc}")
         if time_limit is not None and time.perf_counter() - start > time_limit:
-            print(f"time limit {time_limit:.0f}s reached after {steps_run} steps")
+            tqdm.write(f"time limit {time_limit:.0f}s reached after {steps_run} steps")
             break
+    bar.close()
     return model, tok, steps_run
 
 

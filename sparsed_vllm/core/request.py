@@ -165,6 +165,18 @@ class DiffusionRequest:
             num_sequences=p.num_sequences,
         )
 
+    def summary(self) -> dict:
+        """Steps taken, tokens per step and SparseD stage counts (for logs and metrics)."""
+        p = self.params
+        return {
+            "steps": self.step,
+            "tokens_per_step": p.gen_length / max(self.step, 1),
+            "cache": p.cache,
+            "threshold": p.threshold,
+            "factor": p.factor,
+            "stages": dict(self.stage_counts),
+        }
+
     def advance(self, logits: torch.Tensor) -> list[int]:
         """Commit this step's tokens. logits: [num_sequences, n, V] at the plan's `logit_rows`.
 

@@ -15,7 +15,12 @@ from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from sparsed_vllm.core.capabilities import fallback_reason
 from sparsed_vllm.vllm_glue.admission import engine_limits
-from sparsed_vllm.vllm_glue.serving import install_request_checks, install_strict_max_tokens
+from sparsed_vllm.vllm_glue.metrics import install_exporter
+from sparsed_vllm.vllm_glue.serving import (
+    in_api_server,
+    install_request_checks,
+    install_strict_max_tokens,
+)
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so it shares its handlers
 
@@ -92,6 +97,8 @@ class DiffusionLMConfig(VerifyAndUpdateConfig):
             logger.warning("sparsed-vllm: %s", reason)
         install_request_checks()
         install_strict_max_tokens()
+        if in_api_server():
+            install_exporter()
         logger.info(
             "sparsed-vllm: diffusion decoding for %s (worker %s, scheduler %s, %s attention)",
             model_config.architecture,

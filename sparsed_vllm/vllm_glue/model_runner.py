@@ -54,14 +54,20 @@ PROFILE_LOGIT_ROWS = 8192
 
 @dataclass
 class DiffusionRunnerOutput(ModelRunnerOutput):
+    """What the scheduler learns from a step besides the tokens (budgets and statistics)."""
+
     # req_id -> tokens its next step runs (the scheduler's budget); absent once it finished.
     next_step_tokens: dict[str, int] = field(default_factory=dict)
+    # req_id -> SparseD stage of this step, and tokens it committed.
+    stages: dict[str, str] = field(default_factory=dict)
+    committed: dict[str, int] = field(default_factory=dict)
+    # Requests whose step refreshed their KV cache (cached decoding).
+    refreshes: int = 0
     # req_id -> mean fraction of kept tiles over layers, heads and query tiles, reported on the
     # request's selection step.
     kept_fraction: dict[str, float] = field(default_factory=dict)
-    # req_id -> a one-line summary (steps, tokens per step, SparseD stages) when a request that
-    # decoded in parallel or went sparse finishes.
-    finished_summaries: dict[str, str] = field(default_factory=dict)
+    # req_id -> `DiffusionRequest.summary()` of a request that finished this step.
+    finished: dict[str, dict] = field(default_factory=dict)
 
 
 def selection_scale(config: SparsedConfig, hf_config, head_dim: int) -> float:
@@ -257,11 +263,13 @@ class DiffusionModelRunner:
             sampled_token_ids=sampled,
         )
         for req_id, request, plan in zip(req_ids, requests, plans, strict=True):
+            output.stages[req_id] = plan.stage
+            output.committed[req_id] = request.commits[-1]
+            output.refreshes += plan.store_kv and not plan.cached
             if plan.stage == SELECT:
                 output.kept_fraction[req_id] = self._kept_fraction(req_id)
             if request.finished:
-                if request.stage_counts[SELECT] or request.params.parallel:
-                    output.finished_summaries[req_id] = _summary(request)
+                output.finished[req_id] = request.summary()
                 self._drop(req_id)
             else:
                 output.next_step_tokens[req_id] = request.plan().num_tokens
@@ -401,18 +409,6 @@ class DiffusionModelRunner:
     def sample_tokens(self, grammar_output) -> ModelRunnerOutput:
         # execute_model already sampled; the engine calls this only if it returned None.
         return EMPTY_MODEL_RUNNER_OUTPUT
-
-
-def _summary(request: DiffusionRequest) -> str:
-    p, counts = request.params, request.stage_counts
-    text = (
-        f"{request.step} steps, {p.gen_length / request.step:.2f} tokens/step "
-        f"(cache {p.cache}, threshold {p.threshold}, factor {p.factor})"
-    )
-    if counts[SELECT]:
-        text += f"; SparseD {counts['dense']} dense, {counts[SELECT]} select, "
-        text += f"{counts['sparse']} sparse steps"
-    return text
 
 
 def _pattern_kept_fraction(pattern) -> float:

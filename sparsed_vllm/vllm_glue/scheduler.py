@@ -31,7 +31,10 @@ from vllm.v1.engine import EngineCoreEventType, EngineCoreOutput, EngineCoreOutp
 from vllm.v1.request import Request, RequestStatus
 
 from sparsed_vllm.core.admission import Admission
+from sparsed_vllm.core.metrics import DecodingStats
+from sparsed_vllm.core.sparsed import SELECT
 from sparsed_vllm.vllm_glue.admission import admit_request, engine_limits
+from sparsed_vllm.vllm_glue.metrics import SnapshotWriter
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so it shares its handlers
 
@@ -66,6 +69,9 @@ class DiffusionScheduler(Scheduler):
         self.budgets: dict[str, RequestBudget] = {}
         self.pattern_pool_bytes = self.limits.sparsed.pattern_pool_bytes
         self.pattern_pool_used = 0
+        self.stats = DecodingStats(self.pattern_pool_bytes)
+        self._snapshots = SnapshotWriter()
+        self._snapshots.write(self.stats.snapshot(), force=True)
         self._free_slots = list(range(self.max_num_running_reqs - 1, -1, -1))
         self._rejected: dict[str, str] = {}
         self._seeds = random.Random()
@@ -205,12 +211,7 @@ class DiffusionScheduler(Scheduler):
         for req_id, tokens in getattr(model_runner_output, "next_step_tokens", {}).items():
             if req_id in self.budgets:
                 self.budgets[req_id].step_tokens = tokens
-        for req_id, fraction in getattr(model_runner_output, "kept_fraction", {}).items():
-            logger.info(
-                "SparseD %s: patterns selected, %.1f%% of tiles kept", req_id, 100 * fraction
-            )
-        for req_id, summary in getattr(model_runner_output, "finished_summaries", {}).items():
-            logger.info("Request %s: %s", req_id, summary)
+        self._record_stats(model_runner_output)
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         for request in rejected:
             client = outputs.setdefault(request.client_index, EngineCoreOutputs())
@@ -224,6 +225,21 @@ class DiffusionScheduler(Scheduler):
                 )
             )
         return outputs
+
+    def _record_stats(self, output) -> None:
+        stats = self.stats
+        finished = getattr(output, "finished", {})
+        stages = {r: s for r, s in getattr(output, "stages", {}).items() if r not in finished}
+        stats.record_step(stages, getattr(output, "committed", {}), getattr(output, "refreshes", 0))
+        for req_id, fraction in getattr(output, "kept_fraction", {}).items():
+            stats.kept_tile_fraction.observe(fraction)
+            logger.info("SparseD %s: selected, %.1f%% of tiles kept", req_id, 100 * fraction)
+        for req_id, summary in finished.items():
+            stats.steps_per_request.observe(summary["steps"])
+            if summary["stages"][SELECT] or summary["threshold"] or summary["factor"]:
+                logger.info("Request %s: %s", req_id, summary)
+        stats.pattern_pool_used_bytes = self.pattern_pool_used
+        self._snapshots.write(stats.snapshot(), force=bool(finished))
 
     def _finish_rejected(self) -> list[Request]:
         if not self._rejected:

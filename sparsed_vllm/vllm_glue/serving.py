@@ -128,9 +128,14 @@ def _admit(limits, request) -> None:
         raise VLLMValidationError(str(exc), parameter=name, value=value) from exc
 
 
+def in_api_server() -> bool:
+    """Whether this process is vLLM's OpenAI API server (its entry modules are loaded)."""
+    return any(name in sys.modules for name in _SERVER_MODULES)
+
+
 def install_strict_max_tokens() -> None:
     """Patch the OpenAI handlers and request models of this process (API server only)."""
-    if not any(name in sys.modules for name in _SERVER_MODULES):
+    if not in_api_server():
         return
     for name in _HANDLER_MODULES:
         try:

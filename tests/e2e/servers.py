@@ -69,7 +69,7 @@ def healthy(url: str) -> bool:
 def metric(server: str, name: str) -> float:
     """Sum of a Prometheus metric's series on the server's /metrics."""
     text = httpx.get(f"{server}/metrics", timeout=10).text
-    values = re.findall(rf"^{name}\{{[^}}]*\}} ([0-9.e+-]+)$", text, flags=re.M)
+    values = re.findall(rf"^{name}(?:\{{[^}}]*\}})? ([0-9.e+-]+)$", text, flags=re.M)
     assert values, f"{name} not exported"
     return sum(float(v) for v in values)
 

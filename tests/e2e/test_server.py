@@ -202,3 +202,58 @@ def test_sixteen_concurrent_mixed_requests(server, client, model, llada_llm):
         assert got == expected
     assert wait_for(lambda: metric(server, "vllm:num_requests_running") == 0)
     assert wait_for(lambda: metric(server, "vllm:kv_cache_usage_perc") == 0)
+
+
+def _sparsed_metrics(server: str) -> dict[str, float]:
+    names = [
+        "sparsed:pattern_pool_total_bytes",
+        "sparsed:pattern_pool_used_bytes",
+        "sparsed:selection_steps_total",
+        "sparsed:cache_refreshes_total",
+        "sparsed:kept_tile_fraction_count",
+        "sparsed:denoising_steps_per_request_count",
+        "sparsed:denoising_steps_per_request_sum",
+        "sparsed:tokens_committed_per_step_count",
+        "sparsed:tokens_committed_per_step_sum",
+        "sparsed:requests_by_stage",
+    ]
+    return {name: metric(server, name) for name in names}
+
+
+def test_sparsed_metrics_count_known_requests(server, client, model):
+    before = _sparsed_metrics(server)
+    kwargs = dict(model=model, temperature=0)
+    # SparseD forced: 16 steps, skip 0.2 -> 4 dense steps, the selection at step 4, 11 sparse.
+    sparse = {"steps": 16, "block_length": 8, **SPARSE}
+    client.completions.create(
+        prompt="word " * 40,
+        max_tokens=16,
+        **kwargs,
+        extra_body={"vllm_xargs": sparse, "ignore_eos": True},
+    )
+    # Dual cache: 4 blocks of 8, 32 steps, one refresh per block.
+    dual = {"steps": 32, "block_length": 8, "cache": "dual"}
+    client.completions.create(
+        prompt="word " * 20,
+        max_tokens=32,
+        **kwargs,
+        extra_body={"vllm_xargs": dual, "ignore_eos": True},
+    )
+    assert wait_for(
+        lambda: (
+            _sparsed_metrics(server)["sparsed:denoising_steps_per_request_count"]
+            == before["sparsed:denoising_steps_per_request_count"] + 2
+        )
+    )
+    after = _sparsed_metrics(server)
+    delta = {name: after[name] - before[name] for name in after}
+    assert after["sparsed:pattern_pool_total_bytes"] == 1024 * 2**20
+    assert after["sparsed:pattern_pool_used_bytes"] == 0
+    assert after["sparsed:requests_by_stage"] == 0  # nothing running any more
+    assert delta["sparsed:selection_steps_total"] == 1
+    assert delta["sparsed:kept_tile_fraction_count"] == 1
+    assert delta["sparsed:cache_refreshes_total"] == 4
+    assert delta["sparsed:denoising_steps_per_request_sum"] == 16 + 32
+    # One observation per request and step, together committing every canvas token.
+    assert delta["sparsed:tokens_committed_per_step_count"] == 16 + 32
+    assert delta["sparsed:tokens_committed_per_step_sum"] == 16 + 32
