@@ -9,6 +9,8 @@ plain PyTorch references (`*_ref`) and the package itself work on CPU-only machi
 - `dense_attention(q, k, v, cu_seqlens, max_seqlen, scale)`: the fastest dense kernel available.
 - `cached_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_table, scale)`: Triton,
   a few query rows per sequence against all its keys in a paged KV cache (split-K).
+  Its reference `cached_attention_ref` also takes SparseD patterns (kept key tiles per query
+  tile), which have no Triton kernel yet: the exact path runs them.
 """
 
 import importlib

@@ -145,3 +145,17 @@ def test_canvas_budget_and_pattern_pool_are_checked_at_admission():
     assert ok.pattern_bytes > 0 and ok.seq_len == 664 and ok.step_tokens == 664
     with pytest.raises(ParameterError, match="at least one token"):
         admit(limits(), prompt_len=0, max_tokens=8, extra_args=None)
+
+
+def test_sparsed_on_the_cache_runs_where_the_backend_has_the_path():
+    extra = {"cache": "dual", "sparsed": True, "steps": 32, "block_length": 8}
+    with pytest.raises(ParameterError, match="not run by the triton attention backend") as info:
+        admit(limits(TRITON_BACKEND), prompt_len=100, max_tokens=32, extra_args=extra)
+    assert info.value.name == "sparsed"
+    assert admit(
+        limits(EXACT_BACKEND), prompt_len=100, max_tokens=32, extra_args=extra
+    ).sparsed.enabled
+    # A plugin-wide SparseD (min_seq_len reached, not forced) leaves cached requests dense there.
+    plugin_wide = limits(TRITON_BACKEND, sparsed=SparsedConfig(min_seq_len=0))
+    dual = {"cache": "dual", "steps": 32, "block_length": 8}
+    assert not admit(plugin_wide, prompt_len=100, max_tokens=32, extra_args=dual).sparsed.enabled

@@ -104,14 +104,14 @@ def admit(
         )
     kv_tokens = _kv_tokens(limits, params, seq_len)
     sparsed = resolve_sparsed(limits.sparsed, extra_args, seq_len, limits.backend)
-    if params.cache != "none" and sparsed.enabled:
+    if params.cache != "none" and sparsed.enabled and not limits.backend.cached_sparse:
         if (extra_args or {}).get("sparsed"):
             raise ParameterError(
                 "sparsed",
-                f"SparseD does not run with cache {params.cache!r} yet; send sparsed false, or "
-                "cache 'none' for SparseD",
+                f"SparseD with cache {params.cache!r} is not run by the {limits.backend.name} "
+                "attention backend; send sparsed false, or cache 'none' for SparseD",
             )
-        # Cached decoding runs dense attention; plugin-wide SparseD applies to cache "none".
+        # The plugin-wide SparseD then applies to this engine's cache "none" requests only.
         sparsed = replace(sparsed, enabled=False)
     cost = 0
     if sparsed.goes_sparse(params.steps):

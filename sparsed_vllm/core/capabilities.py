@@ -36,6 +36,8 @@ class Backend:
     # KV block size, --block-size) its cached attention reads; None: any page size.
     cache_modes: tuple[str, ...]
     kv_page_sizes: tuple[int, ...] | None
+    # SparseD on cached decoding (block-sparse attention of a window against its KV pages).
+    cached_sparse: bool
 
     def runs(self, device_type: str, dtype: torch.dtype, head_dim: int) -> bool:
         return (
@@ -80,6 +82,8 @@ TRITON_BACKEND = Backend(
     device_types=("cuda",),
     cache_modes=CACHE_MODES,
     kv_page_sizes=(16, 32, 64, 128, 256),
+    # No kernel yet for a window's queries against the kept key tiles of its pages.
+    cached_sparse=False,
 )
 # Plain PyTorch (SDPA and tile gathers): any device, dtype and head size; exact in fp32.
 EXACT_BACKEND = Backend(
@@ -90,6 +94,7 @@ EXACT_BACKEND = Backend(
     device_types=None,
     cache_modes=CACHE_MODES,
     kv_page_sizes=None,
+    cached_sparse=True,
 )
 BACKENDS = (TRITON_BACKEND, EXACT_BACKEND)
 # Every tile size some backend runs: what plugin-wide settings may name before the device is known.

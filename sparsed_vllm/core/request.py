@@ -88,6 +88,7 @@ class DiffusionRequest:
         self.block_step = 0  # steps taken in it
         self.generator = torch.Generator().manual_seed(params.seed)
         self.stage_counts = dict.fromkeys((DENSE, SELECT, SPARSE), 0)
+        self.selected = False  # SparseD patterns chosen (from then on every step is sparse)
         self.commits: list[int] = []  # tokens committed by each step
         self._block_transfer: list[int] = []
         if params.family != LLADA:
@@ -135,10 +136,23 @@ class DiffusionRequest:
         return self.plan().logit_rows
 
     def stage(self) -> str:
-        """SparseD stage of this step (global step against the request's `steps`)."""
-        if self.sparsed is None:
+        """SparseD stage of this step.
+
+        Selection needs a full forward's Q and K: it happens at the first full forward at or
+        after global step `switch = int(steps * skip) + 1` (with `steps` the request's step budget,
+        also when threshold/factor make the actual count data dependent). Every step is a full
+        forward without a cache, so that is step `switch` itself, as in the paper; with a cache
+        it is the first block refresh from `switch` on. Steps before it are dense, every step
+        after it (refreshes and cached steps alike) is sparse. A request that finishes first
+        never goes sparse.
+        """
+        settings, steps = self.sparsed, self.params.steps
+        if settings is None or not settings.goes_sparse(steps):
             return DENSE
-        return self.sparsed.stage(self.step, self.params.steps)
+        if self.selected:
+            return SPARSE
+        full = self.params.cache == "none" or self.block_step == 0
+        return SELECT if full and self.step >= settings.switch_step(steps) else DENSE
 
     def plan(self) -> StepPlan:
         """What this step runs. Cached modes: a block's first step is a full forward that
@@ -192,7 +206,9 @@ class DiffusionRequest:
             committed = self._dream_block_step(positions, logits[0])
         else:
             committed = self._dream_step(positions, logits[0])
-        self.stage_counts[self.stage()] += 1
+        stage = self.stage()
+        self.stage_counts[stage] += 1
+        self.selected = self.selected or stage == SELECT
         self.commits.append(committed)
         self.step += 1
         self.block_step += 1

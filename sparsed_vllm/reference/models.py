@@ -116,9 +116,12 @@ def _recording_attention(attn_fn: AttnFn, num_kv_heads: int, slot: list, layer: 
     return attend
 
 
-def _window_attention(cache_k: torch.Tensor, cache_v: torch.Tensor, start: int) -> AttnFn:
+def _window_attention(
+    cache_k: torch.Tensor, cache_v: torch.Tensor, start: int, mask: torch.Tensor | None = None
+) -> AttnFn:
     """Attention of a window at [start, start + n) over a copy of one layer's cache in which the
-    window's fresh keys and values replace that slice. cache_k/v: [B, Hkv, L, D]."""
+    window's fresh keys and values replace that slice. cache_k/v: [B, Hkv, L, D]; mask: None,
+    or bool [H, n, L], True where a window row may attend to a key."""
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         groups, end = q.shape[1] // cache_k.shape[1], start + q.shape[2]
@@ -126,7 +129,9 @@ def _window_attention(cache_k: torch.Tensor, cache_v: torch.Tensor, start: int) 
         keys[:, :, start:end] = k[:, ::groups]
         values[:, :, start:end] = v[:, ::groups]
         keys, values = (t.repeat_interleave(groups, dim=1) for t in (keys, values))
-        return sdpa_attention(q, keys, values)  # [B, H, n, D]
+        if mask is None:
+            return sdpa_attention(q, keys, values)  # [B, H, n, D]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
     return attend
 
@@ -280,17 +285,21 @@ class _ReferenceLM(nn.Module):
         window_ids: torch.Tensor,
         start: int,
         kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        masks: Sequence[torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """Forward of the positions [start, start + n) against a K/V cache of the whole sequence.
 
         window_ids: [B, n]; kv as returned by `forward_with_kv` for length L. In every layer the
         window's fresh keys and values replace positions [start, start + n) of a copy of that
         layer's cache (`kv` itself is not modified) and the window's queries attend, unmasked,
-        to all L positions. RoPE uses the absolute positions. -> hidden [B, n, hidden].
+        to all L positions. RoPE uses the absolute positions. `masks` (one per layer, bool
+        [H, n, L] or None) restricts which keys each window row attends to (block-sparse
+        attention). -> hidden [B, n, hidden].
         """
         _check_window(window_ids, start, kv, len(self._parts()[1]))
         positions = torch.arange(start, start + window_ids.shape[1], device=window_ids.device)
-        attn_fns = [_window_attention(k, v, start) for k, v in kv]
+        masks = masks or [None] * len(kv)
+        attn_fns = [_window_attention(k, v, start, m) for (k, v), m in zip(kv, masks, strict=True)]
         return self.forward_hidden(window_ids, positions, attn_fns)
 
 

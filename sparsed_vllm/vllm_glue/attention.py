@@ -54,6 +54,9 @@ class CachedBatch:
     kv_lens: torch.Tensor  # [Bc] int32: every key of the sequence
     block_table: torch.Tensor  # [Bc, max_pages] int32: the sequence's KV pages, in order
     max_kv_len: int
+    q_starts: list[int]  # position of each window's first row
+    # Per cached sequence; None when every one is dense this step.
+    sparsity: list[SequenceSparsity] | None = None
 
 
 @dataclass
@@ -188,7 +191,7 @@ class DiffusionAttentionImpl(AttentionImpl):
             q, k, v = query[:full], key[:full], value[:full]
             output[:full] = self._full(layer.layer_index, q, k, v, attn_metadata)
         if attn_metadata.cached is not None:
-            output[full:] = self._cached(query[full:], kv_cache, attn_metadata.cached)
+            output[full:] = self._cached(layer.layer_index, query[full:], kv_cache, attn_metadata)
         return output
 
     def _full(self, layer_index, q, k, v, metadata: DiffusionAttentionMetadata) -> torch.Tensor:
@@ -204,10 +207,20 @@ class DiffusionAttentionImpl(AttentionImpl):
             start = end
         return out
 
-    def _cached(self, q, kv_cache: torch.Tensor, batch: CachedBatch) -> torch.Tensor:
-        """Window queries `[Tq, Hq, D]` against every key of their sequences' pages."""
+    def _cached(self, layer_index, q, kv_cache, metadata: DiffusionAttentionMetadata):
+        """Window queries `[Tq, Hq, D]` against every key of their sequences' pages, or, at a
+        SparseD sparse stage, against the kept key tiles of each row's query tile."""
+        batch = metadata.cached
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         args = (q, k_cache, v_cache, batch.cu_seqlens_q, batch.kv_lens, batch.block_table)
+        if batch.sparsity is not None:
+            from sparsed_vllm.kernels import cached_attention_ref
+
+            patterns = [
+                metadata.patterns.get(s.key, layer_index) if s.stage == SPARSE else None
+                for s in batch.sparsity
+            ]
+            return cached_attention_ref(*args, self.scale, patterns, batch.q_starts)
         if _use_kernels(q):
             from sparsed_vllm.kernels import cached_attention
 

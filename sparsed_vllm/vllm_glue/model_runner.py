@@ -36,7 +36,13 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from sparsed_vllm.core.params import LLADA, DiffusionParams, family_of
 from sparsed_vllm.core.pattern import default_scale, llada_reference_scale
 from sparsed_vllm.core.request import DiffusionRequest, StepPlan
-from sparsed_vllm.core.sparsed import SELECT, PatternStore, SparsedConfig, SparsedSettings
+from sparsed_vllm.core.sparsed import (
+    SELECT,
+    SPARSE,
+    PatternStore,
+    SparsedConfig,
+    SparsedSettings,
+)
 from sparsed_vllm.vllm_glue.attention import (
     CachedBatch,
     DiffusionAttention,
@@ -340,11 +346,14 @@ class DiffusionModelRunner:
         pages = [self.kv_pages[r.req_id] for r in cached]
         table = torch.nn.utils.rnn.pad_sequence(pages, batch_first=True)
         lens = [0] + [r.tokens.numel() for r in cached]
+        sparsity = [self._sequence_sparsity(r) for r in cached]
         return CachedBatch(
             cu_seqlens_q=torch.tensor(lens).cumsum(0).to(self.device, torch.int32),
             kv_lens=torch.tensor([r.plan.seq_len for r in cached]).to(self.device, torch.int32),
             block_table=table.to(self.device, torch.int32),
             max_kv_len=max(r.plan.seq_len for r in cached),
+            q_starts=[r.plan.start for r in cached],
+            sparsity=sparsity if any(s.stage == SPARSE for s in sparsity) else None,
         )
 
     def _kv_write(self, batch: list[_Row]) -> KVWrite | None:

@@ -95,3 +95,88 @@ def llada_oracle_generate(model, mask_id: int, prompt: list[int], scale: float |
     finally:
         model.attn_fn = default
     return out[0, len(prompt) :].tolist(), oracle
+
+
+def _token_keep(keep: torch.Tensor, block_size: int, length: int) -> torch.Tensor:
+    """[H, nb, nb] tiles -> [H, L, L] token pairs."""
+    tokens = keep.repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)
+    return tokens[:, :length, :length]
+
+
+@torch.no_grad()
+def llada_cached_sparsed(
+    model, mask_id: int, prompt: list[int], gen: int, extra: dict, scale: float | None = None
+):
+    """Greedy LLaDA with a cache (and threshold/factor) and SparseD, step by step: the patterns
+    are selected at the first full forward at or after step int(steps * skip) + 1, from its Q
+    and K; refreshes after it are block-sparse, and each cached window row attends to the kept
+    key tiles of its query tile. `scale` scores the selection (default 1/sqrt(head_dim)).
+    -> (generated tokens, stages of the steps)."""
+    import torch.nn.functional as F
+
+    from sparsed_vllm.reference.cached import select_factor, select_threshold, select_top_k
+    from sparsed_vllm.reference.generate import get_num_transfer_tokens
+
+    cache, steps, block = extra["cache"], extra["steps"], extra["block_length"]
+    threshold, factor = extra.get("threshold"), extra.get("factor")
+    skip, select, tile = extra["sparsed_skip"], extra["sparsed_select"], extra["sparsed_block_size"]
+    x = torch.tensor([prompt + [mask_id] * gen])
+    length, layers = x.shape[1], model.config.num_hidden_layers
+    switch, spb = int(steps * skip) + 1, steps // (gen // block)
+    keep: dict[int, torch.Tensor] = {}
+    stages, step = [], 0
+
+    def full_attention(layer: int, stage: str):
+        def attend(q, k, v):
+            q0, k0, v0 = q[0], k[0], v[0]
+            if stage == "sparse":
+                return masked_attention(q0, k0, v0, keep[layer], tile)[None]
+            if stage == "select":
+                score_scale = scale or 1 / math.sqrt(q0.shape[-1])
+                keep[layer] = select_keep(q0, k0, gen, tile, select, score_scale)
+            scores = q0 @ k0.transpose(-1, -2) / math.sqrt(q0.shape[-1])
+            return (torch.softmax(scores, -1) @ v0)[None]
+
+        return attend
+
+    for start in range(len(prompt), length, block):
+        end = start + block
+        schedule = get_num_transfer_tokens(x[:, start:end] == mask_id, spb)[0]
+        kv = None
+        parallel = threshold is not None or factor is not None
+        for i in range(block if parallel else spb):
+            positions = (x[0, start:end] == mask_id).nonzero().flatten() + start
+            if positions.numel() == 0:
+                break
+            full = cache == "none" or i == 0
+            stage = "sparse" if keep else ("select" if full and step >= switch < steps else "dense")
+            if full:
+                fns = [full_attention(layer, stage) for layer in range(layers)]
+                if cache == "none":
+                    hidden = model.forward_hidden(x, attn_fn=fns)
+                else:
+                    hidden, kv = model.forward_with_kv(x, attn_fn=fns)
+                rows = hidden[0, positions]
+            else:
+                stop = length if cache == "prefix" else end
+                masks = None
+                if stage == "sparse":
+                    masks = [
+                        _token_keep(keep[i_layer], tile, length)[:, start:stop]
+                        for i_layer in range(layers)
+                    ]
+                hidden = model.forward_window(x[:, start:stop], start, kv, masks)
+                rows = hidden[0, positions - start]
+            logits = model.compute_logits(rows).float()
+            x0 = logits.argmax(-1)
+            if parallel:
+                confidence = F.softmax(logits.double(), -1).gather(-1, x0[:, None]).squeeze(-1)
+                rule = select_threshold if threshold is not None else select_factor
+                chosen = rule(confidence, threshold if threshold is not None else factor)
+            else:
+                confidence = F.softmax(logits, -1).gather(-1, x0[:, None]).squeeze(-1)
+                chosen = select_top_k(confidence, int(schedule[i]))
+            x[0, positions[chosen]] = x0[chosen]
+            stages.append(stage)
+            step += 1
+    return x[0, len(prompt) :].tolist(), stages

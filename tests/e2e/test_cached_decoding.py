@@ -190,7 +190,6 @@ def test_requests_whose_kv_does_not_fit_wait(llada_tiny_dir, llada_tiny, llada_m
         ({"factor": -1}, "factor", "factor must be > 0, got -1.0"),
         ({"threshold": 0.9, "factor": 1.0}, "factor", "send only one of them"),
         ({"cache": "dual", "cfg_scale": 1.0}, "cfg_scale", "not supported with cache 'dual'"),
-        ({"cache": "dual", "sparsed": True}, "sparsed", "SparseD does not run with cache"),
         ({"threshold": 0.9, "remasking": "random"}, "remasking", "remasking 'random'"),
     ],
 )

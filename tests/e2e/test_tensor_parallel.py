@@ -10,7 +10,7 @@ import math
 
 import pytest
 from engines import generate_ids, make_llm
-from sparsed_oracle import llada_oracle_generate
+from sparsed_oracle import llada_cached_sparsed, llada_oracle_generate
 from sparsed_vllm_testing import rank_probe
 from vllm import LLM, SamplingParams
 
@@ -133,6 +133,25 @@ def test_llada_tp2_cached_equals_tp1(llada_tp2, llada_llm):
     expected = generate_ids(llada_llm, PROMPTS, batch)
     assert generate_ids(llada_tp2, PROMPTS, batch) == expected
     assert [len(t) for t in expected] == [32, 32, 16]
+
+
+def test_llada_tp2_sparsed_on_the_cache_equals_the_oracle(llada_tp2, llada_tiny, llada_mask):
+    """Each rank selects and keeps the patterns of its own heads, refreshes and cached windows
+    alike (this engine scores selection with the reference scale, 1/sqrt(all heads))."""
+    extra = {
+        "steps": 32,
+        "block_length": 8,
+        "cache": "dual",
+        "sparsed_skip": 0.2,
+        "sparsed_select": 0.3,
+        **SPARSE,
+    }
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True, extra_args=extra)
+    expected, stages = llada_cached_sparsed(
+        llada_tiny, llada_mask, PROMPT_37, 32, extra, scale=1 / math.sqrt(HEADS)
+    )
+    assert "select" in stages
+    assert generate_ids(llada_tp2, [PROMPT_37], params) == [expected]
 
 
 @pytest.mark.parametrize("mode", MODES)

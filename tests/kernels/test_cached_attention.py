@@ -99,6 +99,30 @@ def test_reference_whole_sequence_is_dense_attention(assert_close):
     assert_close("whole", want.transpose(0, 1), out, 1e-6)
 
 
+@pytest.mark.parametrize("start, rows", [(0, 70), (16, 8), (40, 30), (66, 4)])
+def test_reference_with_patterns_is_block_sparse_attention_of_the_window(start, rows, assert_close):
+    """A window's rows with a SparseD pattern equal those rows of block-sparse attention over
+    the whole sequence (`core.pattern.block_sparse_attention_ref`), GQA, partial last tile."""
+    from sparsed_vllm.core.pattern import TilePattern, block_sparse_attention_ref, num_tiles
+
+    length, tile, gen = 70, 16, torch.Generator().manual_seed(5)
+    _, kc, vc, _, lens, table, ks, vs = make_paged(
+        [rows], [length], 4, 2, 16, 32, torch.float32, "cpu", 6
+    )
+    q_all = torch.randn(length, 4, 16, generator=gen)
+    nb = num_tiles(length, tile)
+    keep = torch.rand(4, nb, nb, generator=gen) < 0.4
+    keep[..., 0] = True  # every query tile keeps at least one key tile
+    pattern = TilePattern.from_dense_mask(keep, tile, length)
+    want = block_sparse_attention_ref(q_all, ks[0], vs[0], pattern, 0.25)[start : start + rows]
+    window = q_all[start : start + rows]
+    cu = torch.tensor([0, rows], dtype=torch.int32)
+    out = cached_attention_ref(window, kc, vc, cu, lens, table, 0.25, [pattern], [start])
+    assert_close("window", want, out, 1e-6)
+    dense = cached_attention_ref(window, kc, vc, cu, lens, table, 0.25, [None], [start])
+    assert (dense - out).abs().max() > 1e-3  # the pattern did restrict the keys
+
+
 GPU_CASES = [
     ([32], [768], 4, 4, 128, torch.bfloat16, 128),
     ([1, 7, 32], [1, 300, 1000], 4, 1, 64, torch.float16, 16),
