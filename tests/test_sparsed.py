@@ -1,7 +1,10 @@
 """SparseD schedule, settings and pattern-memory accounting (no vLLM)."""
 
 import pytest
+import torch
 
+from sparsed_vllm.core.params import LLADA, resolve_params
+from sparsed_vllm.core.request import DiffusionRequest
 from sparsed_vllm.core.sparsed import (
     DENSE,
     SELECT,
@@ -20,21 +23,38 @@ def settings(**kw):
     return SparsedSettings(**{**base, **kw})
 
 
+def stages(steps: int, sparsed: SparsedSettings, **extra) -> list[str]:
+    """The SparseD stage of each step of a LLaDA request (one token per step, random logits)."""
+    params = resolve_params(LLADA, {"steps": steps, **extra}, max_tokens=steps)
+    request = DiffusionRequest([1, 2, 3], params, mask_id=7, sparsed=sparsed)
+    generator = torch.Generator().manual_seed(0)
+    seen = []
+    while not request.finished:
+        seen.append(request.stage())
+        rows = request.plan().logit_rows.numel()
+        request.advance(torch.randn(1, rows, 6, generator=generator))
+    return seen
+
+
 @pytest.mark.parametrize(
     "steps, expected",
     [(128, (26, 1, 101)), (1024, (205, 1, 818)), (32, (7, 1, 24)), (4, (1, 1, 2)), (1, (1, 0, 0))],
 )
 def test_schedule_counts_follow_the_paper(steps, expected):
-    counts = settings().stage_counts(steps)
-    assert (counts[DENSE], counts[SELECT], counts[SPARSE]) == expected
+    seen = stages(steps, settings())
+    assert (seen.count(DENSE), seen.count(SELECT), seen.count(SPARSE)) == expected
 
 
 def test_stage_boundaries_and_global_step():
     s = settings(skip=0.5)
     assert s.switch_step(10) == 6
-    assert [s.stage(i, 10) for i in (0, 5, 6, 7, 9)] == [DENSE, DENSE, SELECT, SPARSE, SPARSE]
+    assert stages(10, s) == [DENSE] * 6 + [SELECT] + [SPARSE] * 3
     assert not settings(enabled=False).goes_sparse(100)
-    assert settings(skip=0.99).stage_counts(10) == {DENSE: 10, SELECT: 0, SPARSE: 0}
+    assert stages(10, settings(skip=0.99)) == [DENSE] * 10
+    # With a cache the selection waits for a refresh: switch 9, blocks of 4 refresh at 0, 4, 8, 12.
+    assert s.switch_step(16) == 9
+    cached = stages(16, s, block_length=4, cache="dual")
+    assert cached == [DENSE] * 12 + [SELECT] + [SPARSE] * 3
 
 
 def test_min_seq_len_and_forcing():

@@ -4,7 +4,9 @@ Plugin-wide defaults come from `--additional-config '{"sparsed": {...}}'` (`Spar
 a request may override them through extra_args (`sparsed`, `sparsed_skip`, `sparsed_select`,
 `sparsed_block_size`). The schedule follows the paper: with T denoising steps in total (all
 blocks together), steps before `switch = int(T * skip) + 1` are dense, step `switch` is dense and
-selects one block pattern per (sequence, layer, head), and every later step is block-sparse.
+selects one block pattern per (sequence, layer, head), and every later step is block-sparse. With
+a KV cache the selection waits for the first full forward from `switch` on; the decode state
+(`core/request.py`, `DiffusionRequest.stage`) applies the rule.
 """
 
 from __future__ import annotations
@@ -111,21 +113,6 @@ class SparsedSettings:
 
     def goes_sparse(self, total_steps: int) -> bool:
         return self.enabled and self.switch_step(total_steps) < total_steps
-
-    def stage(self, step: int, total_steps: int) -> str:
-        """The attention stage of global step `step` (0-based, across all blocks)."""
-        if not self.goes_sparse(total_steps):
-            return DENSE
-        switch = self.switch_step(total_steps)
-        if step < switch:
-            return DENSE
-        return SELECT if step == switch else SPARSE
-
-    def stage_counts(self, total_steps: int) -> dict[str, int]:
-        counts = {DENSE: 0, SELECT: 0, SPARSE: 0}
-        for step in range(total_steps):
-            counts[self.stage(step, total_steps)] += 1
-        return counts
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
