@@ -131,6 +131,12 @@ class DiffusionRequest:
             return torch.tensor([start])
         return torch.nonzero(self.canvas[start:end] == self.mask_id).squeeze(-1) + start
 
+    @property
+    def full_step(self) -> bool:
+        """Whether this step runs the whole sequence: always without a cache, and at the first
+        step of each block (its refresh) with one."""
+        return self.params.cache == "none" or self.block_step == 0
+
     def logit_positions(self) -> torch.Tensor:
         """Hidden rows (absolute positions) whose logits this step needs. [n]"""
         return self.plan().logit_rows
@@ -151,15 +157,13 @@ class DiffusionRequest:
             return DENSE
         if self.selected:
             return SPARSE
-        full = self.params.cache == "none" or self.block_step == 0
-        return SELECT if full and self.step >= settings.switch_step(steps) else DENSE
+        return SELECT if self.full_step and self.step >= settings.switch_step(steps) else DENSE
 
     def plan(self) -> StepPlan:
         """What this step runs. Cached modes: a block's first step is a full forward that
         refreshes the cache; its later steps run the block (dual) or the block and everything
         after it (prefix)."""
-        p, seq_len = self.params, self.seq_len
-        full = p.cache == "none" or self.block_step == 0
+        p, seq_len, full = self.params, self.seq_len, self.full_step
         start, end = self._block_range()
         if full:
             start, end = 0, seq_len

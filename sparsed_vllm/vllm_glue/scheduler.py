@@ -136,7 +136,7 @@ class DiffusionScheduler(Scheduler):
             return ()
         return self.kv_cache_manager.get_block_ids(request.request_id)
 
-    def _admit_waiting(self, budget: int, num_scheduled: dict[str, int]) -> list[Request]:
+    def _admit_waiting(self, tokens_left: int, num_scheduled: dict[str, int]) -> list[Request]:
         """Start waiting requests in arrival order while their first step, KV pages and
         patterns fit; the first that does not fit waits (and with it those behind it)."""
         admitted: list[Request] = []
@@ -145,19 +145,19 @@ class DiffusionScheduler(Scheduler):
             request = self.waiting.peek_request()
             if request.request_id in self._rejected:
                 break
-            plan = self.budgets[request.request_id]
-            admission = plan.admission
+            held = self.budgets[request.request_id]
+            admission = held.admission
             pool_free = self.pattern_pool_bytes - self.pattern_pool_used
-            if plan.step_tokens > budget or admission.pattern_bytes > pool_free:
+            if held.step_tokens > tokens_left or admission.pattern_bytes > pool_free:
                 break
             if admission.kv_tokens and not self._allocate_kv(request, admission.kv_tokens):
                 break
             self.waiting.pop_request()
             if admission.pattern_bytes:
                 self.pattern_pool_used += admission.pattern_bytes
-                plan.slot = self._free_slots.pop()
-            budget -= plan.step_tokens
-            num_scheduled[request.request_id] = plan.step_tokens
+                held.slot = self._free_slots.pop()
+            tokens_left -= held.step_tokens
+            num_scheduled[request.request_id] = held.step_tokens
             self._start_running(request, now)
             admitted.append(request)
         return admitted
