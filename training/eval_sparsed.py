@@ -1,13 +1,16 @@
-"""Accuracy of a trained checkpoint through vLLM, dense vs SparseD, at several context lengths.
+"""The quality suite: accuracy of a trained checkpoint through vLLM in every decoding mode.
 
     python training/eval_sparsed.py --model ckpt/llada-retrieval --lengths 1024 2048 4096
 
-Every request is greedy LLaDA decoding of one `gen_len` canvas (`steps = block_length =
-gen_len`). Dense requests send `sparsed: false`; SparseD requests send `sparsed: true` (which
-forces it below the plugin's `min_seq_len`) with their `sparsed_skip`, `sparsed_select` and
-`sparsed_block_size`. Prints markdown tables (all examples, then each task): exact-match
-accuracy per configuration and length, and in brackets the fraction of answers identical to
-dense.
+Every request is greedy LLaDA decoding of a `gen_len` canvas in blocks of `--block-length` with
+`--steps` steps (both default to gen_len: one block, one token per step). Modes
+(`configurations`): the published dense decoding (`sparsed: false`), the SparseD skip x select
+grid (`sparsed: true`, which forces it below the plugin's `min_seq_len`), the prefix and dual KV
+caches, threshold 0.9 and 0.7, dual + threshold, and dual + threshold + SparseD's defaults. A mode
+the engine's attention backend cannot run is reported as such. Prints markdown tables (all
+examples, then each task): exact-match accuracy per configuration and length, in brackets the
+fraction of answers identical to dense, and the tokens committed per denoising step where the
+mode makes it vary (the engine runs in this process, so its statistics are read directly).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 from pathlib import Path
 
 import tasks
@@ -22,40 +26,91 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 from train import TokenIds, encode_example, token_counter
 from vllm import LLM, SamplingParams
+from vllm.exceptions import VLLMValidationError
+
+from sparsed_vllm.core.sparsed import SparsedConfig
 
 SKIPS = (0.0, 0.1, 0.2)
 SELECTS = (0.1, 0.3, 0.5)
 
 
-def sampling_params(gen_len: int, sparsed: dict | None) -> SamplingParams:
-    """Greedy one-block LLaDA; `sparsed` = None for dense, else skip/select/block_size."""
-    extra: dict = {"steps": gen_len, "block_length": gen_len, "sparsed": sparsed is not None}
-    if sparsed is not None:
-        extra.update({f"sparsed_{k}": v for k, v in sparsed.items()})
+def sparsed_extra(skip: float, select: float, block_size: int) -> dict:
+    """extra_args forcing SparseD on (even below the plugin's min_seq_len) with these settings."""
+    return {
+        "sparsed": True,
+        "sparsed_skip": skip,
+        "sparsed_select": select,
+        "sparsed_block_size": block_size,
+    }
+
+
+def mode_params(gen_len: int, extra: dict, steps: int, block_length: int) -> SamplingParams:
+    """Greedy decoding of a `gen_len` canvas with `extra` (mode options) over the base schedule."""
+    extra = {"steps": steps, "block_length": block_length, **extra}
     return SamplingParams(max_tokens=gen_len, temperature=0, extra_args=extra)
 
 
-def configurations(block_size: int) -> list[tuple[str, dict | None]]:
-    """(label, SparseD overrides) for dense and the skip x select grid."""
+def configurations(block_size: int) -> list[tuple[str, dict]]:
+    """(label, extra_args) of every mode: the published dense decoding, the SparseD skip x
+    select grid, each cache, threshold decoding, and both stacked with SparseD's defaults."""
+    dense = {"sparsed": False}
     grid = [
-        (f"SparseD skip={s} select={k}", {"skip": s, "select": k, "block_size": block_size})
+        (f"SparseD skip={s} select={k}", sparsed_extra(s, k, block_size))
         for s, k in itertools.product(SKIPS, SELECTS)
     ]
-    return [("dense", None), *grid]
+    defaults = SparsedConfig()
+    stacked = {
+        "cache": "dual",
+        "threshold": 0.9,
+        **sparsed_extra(defaults.skip, defaults.select, block_size),
+    }
+    return [
+        ("dense", dense),
+        *grid,
+        ("prefix cache", {**dense, "cache": "prefix"}),
+        ("dual cache", {**dense, "cache": "dual"}),
+        ("threshold 0.9", {**dense, "threshold": 0.9}),
+        ("threshold 0.7", {**dense, "threshold": 0.7}),
+        ("dual + threshold 0.9", {**dense, "cache": "dual", "threshold": 0.9}),
+        ("dual + threshold 0.9 + SparseD defaults", stacked),
+    ]
 
 
 def markdown_table(lengths: list[int], rows: dict[str, dict[int, dict]], kind: str = "all") -> str:
-    """Accuracy of `kind` ("all" = every example) per configuration and length, and in
-    brackets the fraction of answers identical to dense."""
+    """Accuracy of `kind` ("all" = every example) per configuration and length, in brackets the
+    fraction of answers identical to dense, and the tokens per step when not one."""
     header = "| config | " + " | ".join(f"{n} tokens" for n in lengths) + " |"
     lines = [header, "|---|" + "---|" * len(lengths)]
     for label, by_length in rows.items():
         cells = []
         for n in lengths:
-            accuracy, agreement = by_length[n][kind]
-            cells.append(f"{accuracy:.3f} ({agreement:.2f})")
+            result = by_length[n]
+            if "refused" in result:
+                cells.append("not run on this backend")
+                continue
+            accuracy, agreement = result[kind]
+            per_step = result["tokens_per_step"]
+            extra = f", {per_step:.1f} tok/step" if abs(per_step - 1) > 1e-9 else ""
+            cells.append(f"{accuracy:.3f} ({agreement:.2f}{extra})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def run_mode(llm, prompts, params, examples, dense: list[str]) -> dict:
+    """Scores of one mode ({kind: (accuracy, agreement)}, tokens_per_step, and `texts` for the
+    first, dense mode), or {"refused": message} if the engine's backend cannot run it."""
+    stats = llm.llm_engine.engine_core.engine_core.scheduler.stats.tokens_per_step
+    before = stats.total, stats.count
+    try:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    except VLLMValidationError as exc:
+        return {"refused": str(exc)}
+    texts = [o.outputs[0].text for o in outputs]
+    result = score(texts, dense or texts, examples)
+    result["tokens_per_step"] = (stats.total - before[0]) / max(stats.count - before[1], 1)
+    if not dense:
+        result["texts"] = texts
+    return result
 
 
 def score(texts: list[str], dense: list[str], examples: list) -> dict[str, tuple[float, float]]:
@@ -79,6 +134,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100, help="examples per task and length")
     parser.add_argument("--kinds", nargs="+", default=list(tasks.LONG_TASKS))
     parser.add_argument("--gen-len", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=None, help="default: gen-len")
+    parser.add_argument("--block-length", type=int, default=None, help="default: gen-len")
     parser.add_argument("--block-size", type=int, default=128, help="SparseD tile size")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--seed", type=int, default=12345)
@@ -93,6 +150,9 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    steps, block_length = args.steps or args.gen_len, args.block_length or args.gen_len
+    # The engine in this process: its decoding statistics give the tokens per step.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     model = Path(args.model)
     tok = Tokenizer.from_file(str(model / "tokenizer.json"))
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
@@ -123,19 +183,13 @@ def main() -> None:
             {"prompt_token_ids": encode_example(tok, e, ids, args.gen_len)[0]} for e in examples
         ]
         dense: list[str] = []
-        for label, sparsed in configs:
-            outputs = llm.generate(prompts, sampling_params(args.gen_len, sparsed), use_tqdm=False)
-            texts = [o.outputs[0].text for o in outputs]
-            dense = dense or texts
-            scores = score(texts, dense, examples)
-            rows.setdefault(label, {})[length] = scores
+        for label, extra in configs:
+            params = mode_params(args.gen_len, extra, steps, block_length)
+            result = run_mode(llm, prompts, params, examples, dense)
+            dense = dense or result.pop("texts", [])
+            rows.setdefault(label, {})[length] = result
             progress.update()
-            tqdm.write(
-                f"{length} tokens, {label}: "
-                + ", ".join(
-                    f"{kind} {acc:.3f} ({agree:.2f})" for kind, (acc, agree) in scores.items()
-                )
-            )
+            tqdm.write(f"{length} tokens, {label}: {result}")
             if args.json_out:  # after every configuration, so a cut-short run keeps its part
                 Path(args.json_out).write_text(json.dumps(rows, indent=2) + "\n")
     for kind in ["all", *args.kinds]:

@@ -3,13 +3,13 @@
 `checkpoints/llada-retrieval` was trained on the long-context tasks of `training/tasks.py`
 (see its README). Here, on fresh prompts of about 512 tokens (seed not used in training), the
 passkey and copy tasks are answered through the vLLM engine (fp32, CPU) densely, with SparseD at
-its default skip and select, and with SparseD cut to the bone (skip 0, select 0.1). Tiles are 32
-tokens (16 per sequence), the reference's choice for short prompts; `sparsed: true` forces SparseD
-below the plugin's `min_seq_len`.
+its default skip and select, with SparseD cut to the bone (skip 0, select 0.1), and with the dual
+KV cache (alone and with threshold 0.9). Tiles are 32 tokens (16 per sequence), the reference's
+choice for short prompts; `sparsed: true` forces SparseD below the plugin's `min_seq_len`.
 
-Margins: dense >= 0.95 per task; default SparseD >= dense - 0.05 (at most 2 of the 40 prompts
-lost); skip 0 with select 0.1 <= dense - 0.10 (measured on the GPU at 2k tokens with 16 tiles of
-128: 0.93 passkey, 0.73 copy; see benchmarks/RESULTS.md).
+Margins: dense >= 0.95 per task; default SparseD and the dual cache >= dense - 0.05 (at most 2 of
+the 40 prompts lost); skip 0 with select 0.1 <= dense - 0.10 (measured on the GPU at 2k tokens with
+16 tiles of 128: 0.93 passkey, 0.73 copy; see benchmarks/RESULTS.md).
 """
 
 import sys
@@ -47,15 +47,17 @@ def results():
     assert all(450 < len(p["prompt_token_ids"]) < 600 for p in prompts)
     defaults = SparsedConfig()
     configs = {
-        "dense": None,
-        "default": {"skip": defaults.skip, "select": defaults.select, "block_size": BLOCK},
-        "skip0_select0.1": {"skip": 0.0, "select": 0.1, "block_size": BLOCK},
+        "dense": {"sparsed": False},
+        "default": eval_sparsed.sparsed_extra(defaults.skip, defaults.select, BLOCK),
+        "skip0_select0.1": eval_sparsed.sparsed_extra(0.0, 0.1, BLOCK),
+        "dual": {"sparsed": False, "cache": "dual"},
+        "dual_threshold": {"sparsed": False, "cache": "dual", "threshold": 0.9},
     }
     llm = make_llm(CHECKPOINT, max_model_len=640, max_num_seqs=64, max_num_batched_tokens=40_000)
     try:
         out, dense = {}, []
-        for name, sparsed in configs.items():
-            params = eval_sparsed.sampling_params(GEN_LEN, sparsed)
+        for name, extra in configs.items():
+            params = eval_sparsed.mode_params(GEN_LEN, extra, GEN_LEN, GEN_LEN)
             texts = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
             dense = dense or texts
             out[name] = eval_sparsed.score(texts, dense, examples)
@@ -78,3 +80,9 @@ def test_default_sparsed_keeps_dense_accuracy(results):
 def test_aggressive_sparsity_visibly_loses_accuracy(results):
     dense, sparse = results["dense"]["all"][0], results["skip0_select0.1"]["all"][0]
     assert sparse <= dense - 0.10, results
+
+
+@pytest.mark.parametrize("mode", ["dual", "dual_threshold"])
+def test_cached_decoding_keeps_dense_accuracy(results, mode):
+    dense, cached = results["dense"]["all"][0], results[mode]["all"][0]
+    assert cached >= dense - 0.05, results
