@@ -21,10 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "training"))
 import tasks  # noqa: E402  (the task generator the model was trained on)
 
-# The engine runs in this process, so its statistics can be read after each batch; its per-request
-# log lines would interleave with the table.
+# The engine runs in this process, so its statistics can be read after each batch; its log lines
+# (start-up notes, per-request summaries) would interleave with the table.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 BASE = {"steps": 8, "block_length": 8}  # an 8-token answer canvas, one token per step
 MODES = {
