@@ -13,7 +13,12 @@ from typing import Any
 
 from sparsed_vllm.core.capabilities import Backend
 from sparsed_vllm.core.errors import ParameterError
-from sparsed_vllm.core.params import DecodingConfig, DiffusionParams, resolve_params
+from sparsed_vllm.core.params import (
+    DEFAULT_MAX_TOKENS,
+    DecodingConfig,
+    DiffusionParams,
+    resolve_params,
+)
 from sparsed_vllm.core.sparsed import SparsedConfig, SparsedSettings, pattern_bytes, resolve_sparsed
 
 
@@ -38,6 +43,8 @@ class EngineLimits:
     # (None until the engine has sized it: the front end learns it once the engine is up).
     kv_page_size: int = 128
     kv_capacity_tokens: int | None = None
+    # Canvas of an offline request without max_tokens (the checkpoint's max_new_tokens).
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
 
     def __post_init__(self) -> None:
         # Plugin-wide settings must be ones this engine's kernels run (fails at start-up).

@@ -12,19 +12,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm.config import ModelConfig, VllmConfig
+from vllm.config import VllmConfig
 from vllm.sampling_params import SamplingParams
 
 from sparsed_vllm.core.admission import Admission, EngineLimits, admit
 from sparsed_vllm.core.capabilities import select_backend
 from sparsed_vllm.core.errors import ParameterError
-from sparsed_vllm.core.params import DecodingConfig, diffusion_defaults, family_of
+from sparsed_vllm.core.params import (
+    DEFAULT_MAX_TOKENS,
+    DecodingConfig,
+    diffusion_defaults,
+    family_of,
+)
 from sparsed_vllm.core.sparsed import SparsedConfig
-
-
-def generation_defaults(model_config: ModelConfig) -> dict[str, Any]:
-    """Diffusion defaults (steps, block_length, alg, ...) from the generation config."""
-    return diffusion_defaults(model_config.try_get_generation_config())
 
 
 def engine_limits(vllm_config: VllmConfig) -> EngineLimits:
@@ -36,9 +36,12 @@ def engine_limits(vllm_config: VllmConfig) -> EngineLimits:
     cache = vllm_config.cache_config
     # Known once the engine has sized its KV cache (vLLM keeps one block as its null block).
     capacity = (cache.num_gpu_blocks - 1) * cache.block_size if cache.num_gpu_blocks else None
+    # Read from disk once per engine: diffusion defaults (steps, block_length, alg, ...) and
+    # the canvas of a request that sends no max_tokens.
+    generation = model.try_get_generation_config()
     return EngineLimits(
         family=family_of(model.architecture),
-        defaults=generation_defaults(model),
+        defaults=diffusion_defaults(generation),
         sparsed=SparsedConfig.from_additional_config(vllm_config.additional_config),
         backend=select_backend(
             vllm_config.device_config.device_type, model.dtype, model.get_head_size()
@@ -50,6 +53,7 @@ def engine_limits(vllm_config: VllmConfig) -> EngineLimits:
         decoding=DecodingConfig.from_additional_config(vllm_config.additional_config),
         kv_page_size=cache.block_size,
         kv_capacity_tokens=capacity,
+        default_max_tokens=generation.get("max_new_tokens") or DEFAULT_MAX_TOKENS,
     )
 
 

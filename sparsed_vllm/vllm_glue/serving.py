@@ -85,7 +85,7 @@ def install_request_checks() -> None:
         limits = _engine_limits(self)
         if limits is not None and getattr(params, "max_tokens", 0) is None:
             params = params.clone()
-            params.max_tokens = _default_max_tokens(self.model_config)
+            params.max_tokens = limits.default_max_tokens
         request = original(self, request_id, prompt, params, *args, **kwargs)
         if limits is not None and request.sampling_params is not None:
             _admit(limits, request)
@@ -108,10 +108,6 @@ def _engine_limits(input_processor):
         else:
             input_processor._sparsed_limits = engine_limits(input_processor.vllm_config)
     return input_processor._sparsed_limits
-
-
-def _default_max_tokens(model_config) -> int:
-    return model_config.try_get_generation_config().get("max_new_tokens") or DEFAULT_MAX_TOKENS
 
 
 def _admit(limits, request) -> None:
