@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from sparsed_vllm.core.metrics import DecodingStats
+
 PATH_ENV = "SPARSED_VLLM_METRICS_PATH"
 # The snapshot is rewritten at most this often (and whenever a request finishes).
 WRITE_INTERVAL_S = 0.25
@@ -49,7 +51,9 @@ class SnapshotWriter:
         self.path = Path(path) if path else None
         self._last = 0.0
 
-    def write(self, snapshot: dict, force: bool = False) -> None:
+    def write(self, stats: DecodingStats, force: bool = False) -> None:
+        """Write `stats` if a server reads them and the last write is old enough (or `force`);
+        the snapshot is built only then, not on every engine step."""
         if self.path is None:
             return
         now = time.monotonic()
@@ -57,7 +61,7 @@ class SnapshotWriter:
             return
         self._last = now
         partial = self.path.with_suffix(".tmp")
-        partial.write_text(json.dumps(snapshot))
+        partial.write_text(json.dumps(stats.snapshot()))
         os.replace(partial, self.path)  # readers see a whole snapshot or the previous one
 
 

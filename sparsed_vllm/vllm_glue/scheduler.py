@@ -71,7 +71,7 @@ class DiffusionScheduler(Scheduler):
         self.pattern_pool_used = 0
         self.stats = DecodingStats(self.pattern_pool_bytes)
         self._snapshots = SnapshotWriter()
-        self._snapshots.write(self.stats.snapshot(), force=True)
+        self._snapshots.write(self.stats, force=True)
         self._free_slots = list(range(self.max_num_running_reqs - 1, -1, -1))
         self._rejected: dict[str, str] = {}
         self._seeds = random.Random()
@@ -239,7 +239,7 @@ class DiffusionScheduler(Scheduler):
             if summary["stages"][SELECT] or summary["threshold"] or summary["factor"]:
                 logger.info("Request %s: %s", req_id, summary)
         stats.pattern_pool_used_bytes = self.pattern_pool_used
-        self._snapshots.write(stats.snapshot(), force=bool(finished))
+        self._snapshots.write(stats, force=bool(finished))
 
     def _finish_rejected(self) -> list[Request]:
         if not self._rejected:
