@@ -39,6 +39,7 @@ def drive(model, request: DiffusionRequest) -> tuple[list[int], list[int]]:
     kv, plans = None, []
     while not request.finished:
         plan = request.plan()
+        assert request.step_tokens == plan.num_tokens  # what the scheduler budgets
         plans.append(plan)
         ids = request.sequences()[0][None]
         if not plan.cached:

@@ -163,25 +163,34 @@ class DiffusionRequest:
         """What this step runs. Cached modes: a block's first step is a full forward that
         refreshes the cache; its later steps run the block (dual) or the block and everything
         after it (prefix)."""
-        p, seq_len, full = self.params, self.seq_len, self.full_step
-        start, end = self._block_range()
-        if full:
-            start, end = 0, seq_len
-        elif p.cache == "prefix":
-            end = seq_len
+        p, full = self.params, self.full_step
+        start, end = self._run_range()
         positions = self.candidate_positions()
         # Dream predicts position i from hidden row i - 1; the first row run reads its own.
         rows = positions if p.family == LLADA else (positions - 1).clamp(min=start)
         return StepPlan(
             start=start,
             end=end,
-            seq_len=seq_len,
+            seq_len=self.seq_len,
             cached=not full,
             store_kv=p.cache != "none",
             logit_rows=rows,
             stage=self.stage(),
             num_sequences=p.num_sequences,
         )
+
+    def _run_range(self) -> tuple[int, int]:
+        """Positions [start, end) this step runs through the model."""
+        if self.full_step:
+            return 0, self.seq_len
+        start, end = self._block_range()
+        return start, self.seq_len if self.params.cache == "prefix" else end
+
+    @property
+    def step_tokens(self) -> int:
+        """Tokens this step runs (`plan().num_tokens`, without planning the step)."""
+        start, end = self._run_range()
+        return (end - start) * self.params.num_sequences
 
     def summary(self) -> dict:
         """Steps taken, tokens per step and SparseD stage counts (for logs and metrics)."""

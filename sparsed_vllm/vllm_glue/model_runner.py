@@ -278,7 +278,7 @@ class DiffusionModelRunner:
                 output.finished[req_id] = request.summary()
                 self._drop(req_id)
             else:
-                output.next_step_tokens[req_id] = request.plan().num_tokens
+                output.next_step_tokens[req_id] = request.step_tokens
         return output
 
     def _logits(self, req_ids, requests, plans) -> torch.Tensor:
