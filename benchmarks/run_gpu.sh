@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU kernel tests, then the attention- and step-level benchmarks. Logs and JSON go to $OUT.
-#   OUT=out bash benchmarks/run_gpu.sh [tests] [attention] [step] [cached]
-# ATTN_ARGS / STEP_ARGS / CACHED_ARGS: extra arguments; ATTN_SWEEP=0: time only the default
+#   OUT=out bash benchmarks/run_gpu.sh [tests] [attention] [step] [cached] [cached_sparse]
+# ATTN_ARGS / STEP_ARGS / CACHED_ARGS / CACHED_SPARSE_ARGS: extra arguments; ATTN_SWEEP=0: time only the default
 # launch configs.
 set -o pipefail
 OUT=${OUT:-out}
@@ -27,6 +27,8 @@ for part in "${@:-tests attention step}"; do
         ${ATTN_ARGS:-} 2>&1 | tee "$OUT/attention.log" ;;
       cached) python3 benchmarks/bench_cached_attention.py --out "$OUT/cached_attention.json" \
         ${CACHED_ARGS:-} 2>&1 | tee "$OUT/cached_attention.log" ;;
+      cached_sparse) python3 benchmarks/bench_cached_sparse.py --out "$OUT/cached_sparse.json" \
+        ${CACHED_SPARSE_ARGS:-} 2>&1 | tee "$OUT/cached_sparse.log" ;;
       step) python3 benchmarks/bench_step.py --out "$OUT/step.json" \
         $( [ -f "$OUT/attention.json" ] && echo --attention-json "$OUT/attention.json") \
         ${STEP_ARGS:-} 2>&1 | tee "$OUT/step.log" ;;

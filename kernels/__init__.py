@@ -9,8 +9,10 @@ plain PyTorch references (`*_ref`) and the package itself work on CPU-only machi
 - `dense_attention(q, k, v, cu_seqlens, max_seqlen, scale)`: the fastest dense kernel available.
 - `cached_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_table, scale)`: Triton,
   a few query rows per sequence against all its keys in a paged KV cache (split-K).
-  Its reference `cached_attention_ref` also takes SparseD patterns (kept key tiles per query
-  tile), which have no Triton kernel yet: the exact path runs them.
+- `cached_sparse_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_table, scale,
+  patterns, q_starts, q_lens)`: Triton, the same rows attending only to the kept key tiles of
+  their query tiles (SparseD on a cached step). Its reference is `cached_attention_ref` with
+  `patterns`.
 """
 
 import importlib
@@ -22,6 +24,7 @@ from .pattern_selection.naive import select_pattern_ref, tile_importance_ref
 
 _TRITON_OPS = {
     "cached_attention": ".cached.fused",
+    "cached_sparse_attention": ".cached.sparse",
     "sparse_attention": ".block_sparse.fused",
     "fused_select_pattern": ".pattern_selection.fused",
     "fused_tile_importance": ".pattern_selection.fused",
@@ -30,6 +33,7 @@ _TRITON_OPS = {
 __all__ = [
     "cached_attention",
     "cached_attention_ref",
+    "cached_sparse_attention",
     "dense_attention",
     "dense_backends",
     "fused_select_pattern",

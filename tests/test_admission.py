@@ -1,5 +1,7 @@
 """Admission and the capability table: what fails, fails here with the field's name (no vLLM)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -149,13 +151,15 @@ def test_canvas_budget_and_pattern_pool_are_checked_at_admission():
 
 def test_sparsed_on_the_cache_runs_where_the_backend_has_the_path():
     extra = {"cache": "dual", "sparsed": True, "steps": 32, "block_length": 8}
-    with pytest.raises(ParameterError, match="not run by the triton attention backend") as info:
-        admit(limits(TRITON_BACKEND), prompt_len=100, max_tokens=32, extra_args=extra)
+    for backend in (TRITON_BACKEND, EXACT_BACKEND):
+        ok = admit(limits(backend), prompt_len=100, max_tokens=32, extra_args=extra)
+        assert ok.sparsed.enabled and ok.pattern_bytes > 0
+    # A backend without the path refuses a forced request at the front end...
+    without = dataclasses.replace(TRITON_BACKEND, name="partial", cached_sparse=False)
+    with pytest.raises(ParameterError, match="not run by the partial attention backend") as info:
+        admit(limits(without), prompt_len=100, max_tokens=32, extra_args=extra)
     assert info.value.name == "sparsed"
-    assert admit(
-        limits(EXACT_BACKEND), prompt_len=100, max_tokens=32, extra_args=extra
-    ).sparsed.enabled
-    # A plugin-wide SparseD (min_seq_len reached, not forced) leaves cached requests dense there.
-    plugin_wide = limits(TRITON_BACKEND, sparsed=SparsedConfig(min_seq_len=0))
+    # ... and a plugin-wide SparseD (min_seq_len reached, not forced) leaves cached requests dense.
+    plugin_wide = limits(without, sparsed=SparsedConfig(min_seq_len=0))
     dual = {"cache": "dual", "steps": 32, "block_length": 8}
     assert not admit(plugin_wide, prompt_len=100, max_tokens=32, extra_args=dual).sparsed.enabled

@@ -82,8 +82,7 @@ TRITON_BACKEND = Backend(
     device_types=("cuda",),
     cache_modes=CACHE_MODES,
     kv_page_sizes=(16, 32, 64, 128, 256),
-    # No kernel yet for a window's queries against the kept key tiles of its pages.
-    cached_sparse=False,
+    cached_sparse=True,
 )
 # Plain PyTorch (SDPA and tile gathers): any device, dtype and head size; exact in fp32.
 EXACT_BACKEND = Backend(

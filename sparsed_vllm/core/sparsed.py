@@ -183,9 +183,22 @@ class PatternStore:
 
     def __init__(self) -> None:
         self._patterns: dict[tuple[int, int], dict[int, Any]] = {}
+        # (key, layer) -> (tag, value): something computed from that pattern (`derived`).
+        self._derived: dict[tuple[tuple[int, int], int], tuple[Any, Any]] = {}
 
     def put(self, key: tuple[int, int], layer: int, pattern: Any) -> None:
         self._patterns.setdefault(key, {})[layer] = pattern
+        self._derived.pop((key, layer), None)
+
+    def derived(self, key: tuple[int, int], layer: int, tag: Any, build) -> Any:
+        """`build(pattern)` of (key, layer)'s pattern, kept until asked with another `tag` (one
+        value per pattern: e.g. the kept-tile lists of the window a cached request decodes, which
+        every step of a block reuses)."""
+        entry = self._derived.get((key, layer))
+        if entry is None or entry[0] != tag:
+            entry = (tag, build(self.get(key, layer)))
+            self._derived[(key, layer)] = entry
+        return entry[1]
 
     def get(self, key: tuple[int, int], layer: int) -> Any:
         try:
@@ -199,6 +212,8 @@ class PatternStore:
     def drop(self, slot: int) -> None:
         for key in [k for k in self._patterns if k[0] == slot]:
             del self._patterns[key]
+        for pair in [p for p in self._derived if p[0][0] == slot]:
+            del self._derived[pair]
 
     def slots(self) -> set[int]:
         return {slot for slot, _ in self._patterns}

@@ -37,19 +37,15 @@ from sparsed_vllm.core.params import LLADA, DiffusionParams, family_of
 from sparsed_vllm.core.pattern import default_scale, llada_reference_scale
 from sparsed_vllm.core.request import DiffusionRequest, StepPlan
 from sparsed_vllm.core.sparsed import (
+    DENSE,
     SELECT,
     SPARSE,
     PatternStore,
     SparsedConfig,
     SparsedSettings,
 )
-from sparsed_vllm.vllm_glue.attention import (
-    CachedBatch,
-    DiffusionAttention,
-    DiffusionAttentionMetadata,
-    KVWrite,
-    SequenceSparsity,
-)
+from sparsed_vllm.core.staged import AttentionBatch, CachedWindow, KVWrite, SequenceStage
+from sparsed_vllm.vllm_glue.attention import DiffusionAttention
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so it shares its handlers
 
@@ -292,8 +288,9 @@ class DiffusionModelRunner:
         ]
         if not rows:
             return torch.empty(0, vocab, device=self.device)
-        # Full sequences first, cached windows after: each kind is one contiguous varlen range.
-        batch = [r for r in rows if not r.plan.cached] + [r for r in rows if r.plan.cached]
+        # Full sequences first, cached windows after, each by SparseD stage and tile: every
+        # group the attention executor calls at once is one contiguous varlen range.
+        batch = sorted(rows, key=self._batch_order)
         offsets, offset = {}, 0
         for row in batch:
             offsets[(row.req_id, row.index)] = offset
@@ -312,16 +309,21 @@ class DiffusionModelRunner:
         hidden = self._forward_rows(batch)
         return self.model.compute_logits(hidden[row_index.to(self.device)]).float()
 
+    def _batch_order(self, row: _Row) -> tuple:
+        settings = self.requests[row.req_id].sparsed
+        tile = (settings.block_size, settings.select) if settings is not None else (0, 0.0)
+        return (row.plan.cached, (DENSE, SELECT, SPARSE).index(row.plan.stage), tile)
+
     def _forward_rows(self, batch: list[_Row]) -> torch.Tensor:
         full = [r for r in batch if not r.plan.cached]
         cached = [r for r in batch if r.plan.cached]
-        metadata = DiffusionAttentionMetadata.build(
+        metadata = AttentionBatch.build(
             [r.tokens.numel() for r in full],
             self.device,
-            [self._sequence_sparsity(r) for r in full],
+            [self._sequence_stage(r) for r in full],
             self.patterns,
             self.selection_scale,
-            cached=self._cached_batch(cached),
+            cached=[self._cached_window(r) for r in cached],
             kv_write=self._kv_write(batch),
         )
         positions = [torch.arange(r.plan.start, r.plan.end) for r in batch]
@@ -329,7 +331,7 @@ class DiffusionModelRunner:
 
     def _forward(self, sequences: list[torch.Tensor]) -> torch.Tensor:
         """Hidden states of whole sequences laid end to end, dense. -> [sum(L), hidden]"""
-        metadata = DiffusionAttentionMetadata.build([s.numel() for s in sequences], self.device)
+        metadata = AttentionBatch.build([s.numel() for s in sequences], self.device)
         positions = torch.cat([torch.arange(s.numel()) for s in sequences])
         return self._run(torch.cat(sequences), positions, metadata)
 
@@ -340,20 +342,13 @@ class DiffusionModelRunner:
         ):
             return self.model(input_ids=input_ids, positions=positions)
 
-    def _cached_batch(self, cached: list[_Row]) -> CachedBatch | None:
-        if not cached:
-            return None
-        pages = [self.kv_pages[r.req_id] for r in cached]
-        table = torch.nn.utils.rnn.pad_sequence(pages, batch_first=True)
-        lens = [0] + [r.tokens.numel() for r in cached]
-        sparsity = [self._sequence_sparsity(r) for r in cached]
-        return CachedBatch(
-            cu_seqlens_q=torch.tensor(lens).cumsum(0).to(self.device, torch.int32),
-            kv_lens=torch.tensor([r.plan.seq_len for r in cached]).to(self.device, torch.int32),
-            block_table=table.to(self.device, torch.int32),
-            max_kv_len=max(r.plan.seq_len for r in cached),
-            q_starts=[r.plan.start for r in cached],
-            sparsity=sparsity if any(s.stage == SPARSE for s in sparsity) else None,
+    def _cached_window(self, row: _Row) -> CachedWindow:
+        return CachedWindow(
+            rows=row.tokens.numel(),
+            start=row.plan.start,
+            kv_len=row.plan.seq_len,
+            pages=self.kv_pages[row.req_id],
+            stage=self._sequence_stage(row),
         )
 
     def _kv_write(self, batch: list[_Row]) -> KVWrite | None:
@@ -376,20 +371,20 @@ class DiffusionModelRunner:
             slots=torch.cat(slots).to(self.device),
         )
 
-    def _sequence_sparsity(self, row: _Row) -> SequenceSparsity:
+    def _sequence_stage(self, row: _Row) -> SequenceStage:
         request = self.requests[row.req_id]
         settings = request.sparsed
         key = (self.slots.get(row.req_id, -1), row.index)
         if settings is None:
-            return SequenceSparsity(row.plan.stage, key, request.params.gen_length, 0, 0.0)
-        return SequenceSparsity(
+            return SequenceStage(row.plan.stage, key, request.params.gen_length)
+        return SequenceStage(
             row.plan.stage, key, request.params.gen_length, settings.block_size, settings.select
         )
 
     def _kept_fraction(self, req_id: str) -> float:
         slot = self.slots[req_id]
         fractions = [
-            _pattern_kept_fraction(p)
+            p.kept_fraction()
             for index in range(self.requests[req_id].params.num_sequences)
             for p in self.patterns.layers((slot, index)).values()
         ]
@@ -418,10 +413,3 @@ class DiffusionModelRunner:
     def sample_tokens(self, grammar_output) -> ModelRunnerOutput:
         # execute_model already sampled; the engine calls this only if it returned None.
         return EMPTY_MODEL_RUNNER_OUTPUT
-
-
-def _pattern_kept_fraction(pattern) -> float:
-    """Kept fraction of a TilePattern (CPU path) or a one-sequence PackedTilePattern (GPU)."""
-    if hasattr(pattern, "unpack"):
-        pattern = pattern.unpack()[0]
-    return pattern.kept_fraction()
