@@ -31,6 +31,13 @@ def _recover(example: tasks.Example) -> str:
     if example.kind == "copy":
         tag = re.fullmatch(r"Repeat note (\d+) word for word\.", question).group(1)
         return re.search(rf"^Note {tag}: (.+)\.$", context, re.M).group(1)
+    if example.kind == "copy_long":
+        tag = re.fullmatch(r"Repeat note (\d+) word for word\.", question).group(1)
+        return re.search(rf"^Note {tag}: (.+)\.$", context, re.M).group(1)
+    if example.kind == "multi":
+        order = re.fullmatch(r"List the codes of (.+)\.", question).group(1).split(", ")
+        codes = [re.search(rf"The {c} code is ([a-z ]+)\.", context).group(1) for c in order]
+        return ", ".join(codes)
     if example.kind == "arith":
         a, op, b = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", question).groups()
         return str(int(a) + int(b) if op == "+" else int(a) - int(b))
@@ -50,9 +57,18 @@ def test_answers_recoverable_from_prompt(kind):
     for example in examples:
         assert _recover(example) == example.answer
         assert tasks.is_correct(f" {example.answer}.", example)
-    if kind in tasks.LONG_TASKS:
+    if kind in tasks.LONG_TASKS + tasks.BLOCK_TASKS:
         lengths = [tasks.approx_tokens(e.prompt) for e in examples]
         assert all(0.7 * LENGTH <= n <= 1.3 * LENGTH for n in lengths), lengths
+
+
+def test_multi_block_answers_span_two_blocks_and_fit_the_canvas():
+    tok = train.build_tokenizer("llada", 1024)
+    count = train.token_counter(tok)
+    for kind in tasks.BLOCK_TASKS:
+        for example in tasks.make_examples(20, seed=2, length=1000, kinds=[kind], count=count):
+            answer = len(tok.encode(" " + example.answer).ids)
+            assert 32 < answer < train.PRESETS["long"][1].gen_len, (kind, answer)
 
 
 def test_kv_keys_unique_and_needle_depth_varies():

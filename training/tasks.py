@@ -4,7 +4,8 @@ Every generator is a pure function of a `random.Random`: the same seed gives the
 Long tasks take a target prompt length in tokens; the length is measured with `count_tokens`
 (the model's tokenizer in training, a 4-characters-per-token estimate by default), piece by piece,
 so it is approximate (a few tokens). Answers are short (<= 7 tokens with the project tokenizer
-at vocab 1024) and checked by exact string match after stripping whitespace.
+at vocab 1024), except those of the multi-block tasks (`copy_long`, `multi`: 33-56 tokens, more
+than one block of 32), and checked by exact string match after stripping whitespace.
 
 Prompt layout: `<context>\n<question>\nAnswer:`; the answer follows as ` <answer>`.
 """
@@ -16,8 +17,10 @@ import random
 from collections.abc import Callable, Sequence
 
 LONG_TASKS = ("passkey", "kv", "two_hop", "copy")
+# Long context and answers over more than one block of 32 tokens.
+BLOCK_TASKS = ("copy_long", "multi")
 SHORT_TASKS = ("arith", "echo")
-TASKS = LONG_TASKS + SHORT_TASKS
+TASKS = LONG_TASKS + BLOCK_TASKS + SHORT_TASKS
 ANSWER_PREFIX = "\nAnswer:"
 
 TokenCounter = Callable[[str], int]
@@ -163,6 +166,36 @@ def copy(rng: random.Random, length: int, count: TokenCounter = approx_tokens) -
     return Example("copy", _prompt(context, question), span)
 
 
+def copy_long(rng: random.Random, length: int, count: TokenCounter = approx_tokens) -> Example:
+    """A numbered passage of 33 to 48 words among distractors; ask to repeat it word for word (an
+    answer over two blocks of 32 tokens: the model must keep its place while copying)."""
+    tag = rng.randint(10, 99)
+    span = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(33, 48)))
+    needle = f"Note {tag}: {span}."
+    question = f"Repeat note {tag} word for word."
+    budget = length - count(needle + "\n" + question + ANSWER_PREFIX)
+    context = _bury(rng, _fill(rng, lambda: _sentence(rng), budget, count), needle)
+    return Example("copy_long", _prompt(context, question), span)
+
+
+_COLOURS = ("red", "blue", "green", "gold", "grey", "pink", "black", "white", "brown", "orange")
+
+
+def multi(rng: random.Random, length: int, count: TokenCounter = approx_tokens) -> Example:
+    """Eight coloured 4-word codes at random depths; ask for all of them in a given order (eight
+    far-back lookups, about 40 answer tokens: more than one block of 32)."""
+    colours = rng.sample(_COLOURS, 8)
+    codes = {c: _value(rng, 4) for c in colours}
+    needles = [f"The {c} code is {codes[c]}." for c in colours]
+    order = rng.sample(colours, len(colours))
+    question = f"List the codes of {', '.join(order)}."
+    fixed = sum(count(n + "\n") for n in needles) + count(question + ANSWER_PREFIX)
+    context = _fill(rng, lambda: _sentence(rng), length - fixed, count)
+    for needle in needles:
+        context = _bury(rng, context, needle)
+    return Example("multi", _prompt(context, question), ", ".join(codes[c] for c in order))
+
+
 def arith(rng: random.Random, length: int = 0, count: TokenCounter = approx_tokens) -> Example:
     """`a + b` or `a - b` with small operands (`length` is ignored)."""
     a, b = rng.randint(0, 999), rng.randint(0, 999)
@@ -183,6 +216,8 @@ GENERATORS: dict[str, Callable[..., Example]] = {
     "kv": kv,
     "two_hop": two_hop,
     "copy": copy,
+    "copy_long": copy_long,
+    "multi": multi,
     "arith": arith,
     "echo": echo,
 }

@@ -64,6 +64,12 @@ class TrainConfig:
     curriculum_frac: float = 0.6
     eval_every: int = 500
     eval_examples: int = 24
+    # Tasks of the long-context batches (the short batches use tasks.SHORT_TASKS).
+    long_tasks: tuple[str, ...] = tasks.LONG_TASKS
+
+    @property
+    def eval_tasks(self) -> tuple[str, ...]:
+        return self.long_tasks + tasks.SHORT_TASKS
 
     def validate(self, shape: Shape) -> None:
         """Raise ValueError naming the offending value."""
@@ -110,6 +116,29 @@ PRESETS: dict[str, tuple[Shape, TrainConfig]] = {
             weighting="balanced",
             full_mask_frac=0.25,
             eval_every=1000,
+        ),
+    ),
+    # The h100 shape at 32k positions, continued from a checkpoint of it (`--init`): long
+    # contexts (2k-32k) and answers over two blocks of 32 tokens in a canvas of 64.
+    "long": (
+        Shape(
+            layers=6, hidden=256, heads=4, kv_heads=4, intermediate=768, vocab=1024, max_len=32768
+        ),
+        TrainConfig(
+            steps=4000,
+            batch_tokens=65536,
+            lr=6e-4,
+            min_len=2048,
+            max_len=32768,
+            gen_len=64,
+            warmup=50,
+            short_frac=0.05,
+            curriculum_frac=0.5,
+            weighting="balanced",
+            full_mask_frac=0.25,
+            eval_every=0,
+            eval_examples=36,
+            long_tasks=("passkey", "copy") + tasks.BLOCK_TASKS,
         ),
     ),
 }
@@ -255,7 +284,7 @@ def sample_batch(
         kinds, length = tasks.SHORT_TASKS, 0
         size = max(1, cfg.batch_tokens // 64)
     else:
-        kinds = tasks.LONG_TASKS
+        kinds = cfg.long_tasks
         length = rng.randint(cfg.min_len, current_max_len(step, cfg)) - cfg.gen_len - 1
         size = max(1, cfg.batch_tokens // (length + cfg.gen_len + 8))
     examples = [
@@ -315,7 +344,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Greedy exact-match accuracy per task kind at prompt length `length`."""
     model.eval()
-    examples = tasks.make_examples(n, seed, length, tasks.TASKS, token_counter(tok))
+    examples = tasks.make_examples(n, seed, length, cfg.eval_tasks, token_counter(tok))
     hits: dict[str, list[bool]] = {}
     with _autocast(device):
         for example in examples:
