@@ -1,5 +1,8 @@
 """Input checks and small index helpers shared by the kernel host wrappers."""
 
+import functools
+import os
+
 import torch
 
 from sparsed_vllm.core.capabilities import TRITON_BACKEND
@@ -9,6 +12,28 @@ from sparsed_vllm.core.capabilities import TRITON_BACKEND
 SUPPORTED_DTYPES = TRITON_BACKEND.dtypes
 SUPPORTED_HEAD_DIMS = TRITON_BACKEND.head_dims
 SUPPORTED_TILES = TRITON_BACKEND.tile_sizes
+# Triton's interpreter (TRITON_INTERPRET=1, read when the kernels are defined) runs them on CPU
+# tensors: how CI exercises the kernels without a GPU.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# SMs the launch plans assume when interpreted: an H100/H200's, so the plans are the GPU's.
+INTERPRETED_SMS = 132
+
+
+def on_kernel_device(t: torch.Tensor) -> bool:
+    """Whether the Triton ops can take `t`: a CUDA tensor, or a CPU one when interpreted."""
+    return t.is_cuda or (INTERPRETED and t.device.type == "cpu")
+
+
+def num_sms(t: torch.Tensor) -> int:
+    """Streaming multiprocessors of `t`'s GPU (the launch plans size their grids by it)."""
+    if not t.is_cuda:
+        return INTERPRETED_SMS
+    return _num_sms_of(t.device.index if t.device.index is not None else 0)
+
+
+@functools.cache
+def _num_sms_of(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def check_varlen_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor):
@@ -31,7 +56,7 @@ def check_varlen_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         raise ValueError(
             f"cu_seqlens must be int32 [B+1], got {cu_seqlens.dtype} {cu_seqlens.shape}"
         )
-    if not (q.is_cuda and k.device == q.device and cu_seqlens.device == q.device):
+    if not (on_kernel_device(q) and k.device == q.device and cu_seqlens.device == q.device):
         raise ValueError("q, k, v and cu_seqlens must be on one CUDA device")
 
 

@@ -223,7 +223,7 @@ def sparse_attention(
     out = torch.empty_like(q) if out is None else out
     cfg = {**default_config(q.shape[2], pattern.block_size), **(config or {})}
     use_tma, warp_spec = cfg.pop("USE_TMA"), cfg.pop("WARP_SPEC")
-    use_tma = _has_tma(q.device.index) if use_tma is None else use_tma
+    use_tma = q.is_cuda and _has_tma(q.device.index) if use_tma is None else use_tma
     n_tiles = pattern.kv_counts.shape[1]
     tile_seq = tile_to_sequence(pattern.q_tile_offsets, n_tiles)
     grid = (n_tiles * (pattern.block_size // cfg["BLOCK_M"]), q.shape[1])

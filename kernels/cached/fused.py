@@ -17,7 +17,7 @@ import triton.language as tl
 
 # The same online-softmax update as the block-sparse kernel (one [BLOCK_N, D] key block).
 from ..block_sparse.fused import _attend_block
-from ..utils import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+from ..utils import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, num_sms, on_kernel_device
 
 LOG2E = math.log2(math.e)
 PAGE_SIZES = (16, 32, 64, 128, 256)
@@ -317,7 +317,7 @@ def cached_attention(
     max_kv_len = max_kv_len or block_table.shape[1] * page_size
     plan = launch_plan(
         *(n_tokens, n_seqs, n_heads, n_kv, head_dim, page_size),
-        *(max_seqlen_q, max_kv_len, _num_sms(q), config),
+        *(max_seqlen_q, max_kv_len, num_sms(q), config),
     )
     splits, grid = plan.pop("num_splits"), plan.pop("grid")
     o_part = lse_part = out
@@ -372,15 +372,6 @@ def cached_attention(
     return out
 
 
-@functools.cache
-def _num_sms_of(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _num_sms(t: torch.Tensor) -> int:
-    return _num_sms_of(t.device.index if t.device.index is not None else 0)
-
-
 def _check_inputs(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_table, out) -> None:
     """Validate shapes, dtypes, strides and devices (no device data is read)."""
     if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
@@ -423,7 +414,7 @@ def _check_inputs(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_table, out) 
     tensors = (k_cache, v_cache, cu_seqlens_q, kv_lens, block_table) + (
         () if out is None else (out,)
     )
-    if not q.is_cuda or any(t.device != q.device for t in tensors):
+    if not on_kernel_device(q) or any(t.device != q.device for t in tensors):
         raise ValueError(
             "q, the caches, cu_seqlens_q, kv_lens and block_table must be on one CUDA device"
         )

@@ -22,7 +22,8 @@ import triton.language as tl
 
 from sparsed_vllm.core.pattern import TilePattern
 
-from .fused import LOG2E, _check_inputs, _combine_splits_kernel, _num_sms, num_splits
+from ..utils import num_sms
+from .fused import LOG2E, _check_inputs, _combine_splits_kernel, num_splits
 from .windows import WindowLists, WindowPlan, pack_lists, plan_windows, window_lists
 
 # K + V elements of one key block, as in the dense cached kernel.
@@ -251,7 +252,7 @@ def cached_sparse_attention(
     splits = cfg.pop("num_splits", None)
     if splits is None:
         max_keys = lists.kv_indices.shape[-1] * tile
-        splits = num_splits(plan.num_items * (n_heads // pack), max_keys, _num_sms(q))
+        splits = num_splits(plan.num_items * (n_heads // pack), max_keys, num_sms(q))
     o_part = lse_part = out
     part_strides = (0,) * 5
     if splits > 1:
