@@ -114,3 +114,26 @@ def test_pattern_store_drops_by_slot():
     assert store.slots() == {4}
     with pytest.raises(RuntimeError, match="no SparseD pattern for slot"):
         store.get((3, 0), 0)
+
+
+def test_derived_values_follow_their_pattern_and_slot():
+    """A value derived from a pattern (the kept-tile lists of a cached window) is built once per
+    tag, rebuilt when the tag or the pattern changes, and dropped with the slot."""
+    store, built = PatternStore(), []
+
+    def build(pattern):
+        built.append(pattern)
+        return f"lists of {pattern}"
+
+    store.put((3, 0), 1, "p")
+    assert store.derived((3, 0), 1, (2, 3), build) == "lists of p"
+    assert store.derived((3, 0), 1, (2, 3), build) == "lists of p"
+    assert built == ["p"]  # reused while the window stays in tiles 2-3
+    store.derived((3, 0), 1, (3, 4), build)
+    assert built == ["p", "p"]  # the window moved
+    store.put((3, 0), 1, "q")
+    assert store.derived((3, 0), 1, (3, 4), build) == "lists of q"
+    store.drop(3)
+    with pytest.raises(RuntimeError, match="no SparseD pattern"):
+        store.derived((3, 0), 1, (3, 4), build)
+    assert not store._derived
