@@ -99,3 +99,16 @@ def test_generation_config_keys_and_family():
     assert family_of("LLaDAModelLM") == LLADA and family_of("DreamModel") == DREAM
     with pytest.raises(ValueError, match="LlamaForCausalLM"):
         family_of("LlamaForCausalLM")
+
+
+def test_runner_config_is_validated():
+    from sparsed_vllm.core.params import RunnerConfig
+
+    assert RunnerConfig.from_additional_config(None) == RunnerConfig(cuda_graphs=False)
+    assert RunnerConfig.from_additional_config({"runner": {"cuda_graphs": True}}).cuda_graphs
+    with pytest.raises(ValueError, match="unknown runner setting"):
+        RunnerConfig.from_additional_config({"runner": {"graphs": True}})
+    with pytest.raises(ValueError, match="true or false"):
+        RunnerConfig.from_additional_config({"runner": {"cuda_graphs": 1}})
+    with pytest.raises(ValueError, match="must be an object"):
+        RunnerConfig.from_additional_config({"runner": True})

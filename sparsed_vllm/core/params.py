@@ -98,6 +98,33 @@ def family_of(architecture: str) -> str:
     raise ValueError(f"architecture {architecture!r} is neither LLaDA nor Dream")
 
 
+@dataclass(frozen=True)
+class RunnerConfig:
+    """How the diffusion runner executes steps (`--additional-config '{"runner": {...}}'`).
+
+    `cuda_graphs`: capture the forward of a cached step once its layout repeats (the same
+    requests, windows and stages: every step of a block after its second) and replay it, which
+    removes the per-layer launch and Python overhead that bounds cached steps. Single GPU only
+    (tensor parallelism keeps eager steps). Off by default until measured on every supported card.
+    """
+
+    cuda_graphs: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"runner.cuda_graphs must be true or false, got {self.cuda_graphs!r}")
+
+    @classmethod
+    def from_additional_config(cls, additional_config: dict[str, Any] | None) -> RunnerConfig:
+        section = (additional_config or {}).get("runner", {})
+        if not isinstance(section, dict):
+            raise ValueError(f"additional_config 'runner' must be an object, got {section!r}")
+        unknown = sorted(set(section) - {"cuda_graphs"})
+        if unknown:
+            raise ValueError(f"unknown runner setting(s) {unknown}; supported: cuda_graphs")
+        return cls(**section)
+
+
 def diffusion_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
     """The diffusion keys of a checkpoint's generation config (Dream ships steps/alg/...)."""
     return {k: generation_config[k] for k in DIFFUSION_KEYS if generation_config.get(k) is not None}

@@ -14,6 +14,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from sparsed_vllm.core.capabilities import fallback_reason
+from sparsed_vllm.core.params import RunnerConfig
 from sparsed_vllm.vllm_glue.admission import engine_limits
 from sparsed_vllm.vllm_glue.metrics import install_exporter
 from sparsed_vllm.vllm_glue.serving import (
@@ -90,6 +91,7 @@ class DiffusionLMConfig(VerifyAndUpdateConfig):
         # Bad --additional-config, or a tile the engine's kernels cannot run, fails here at
         # start-up with the setting's name.
         limits = engine_limits(vllm_config)
+        RunnerConfig.from_additional_config(vllm_config.additional_config)
         reason = fallback_reason(
             vllm_config.device_config.device_type, model_config.dtype, model_config.get_head_size()
         )

@@ -9,6 +9,10 @@ sequences first, cached windows after), computes logits only at the rows the pla
 each state commit, and reports each request's next step cost to the scheduler. Every
 tensor-parallel rank runs this identically (same plans, same seeded generators, all-gathered
 logits), so the canvases never diverge.
+With `--additional-config '{"runner": {"cuda_graphs": true}}'` (one GPU), a cached step whose
+layout (requests, windows, stages) repeats is captured as a CUDA graph at its second occurrence and
+replayed for the rest of the block: those steps cost their GPU work instead of ~30 layers' worth of
+launches and Python.
 The KV cache: cached decoding keeps K/V in vLLM's KV cache. `get_kv_cache_spec` declares one
 full-attention page of `cache_config.block_size` tokens per layer, vLLM sizes it from the memory
 left after `profile_run` (under `gpu_memory_utilization`) and the scheduler allocates pages per
@@ -33,7 +37,7 @@ from vllm.model_executor.model_loader import get_model
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
-from sparsed_vllm.core.params import LLADA, DiffusionParams, family_of
+from sparsed_vllm.core.params import LLADA, DiffusionParams, RunnerConfig, family_of
 from sparsed_vllm.core.pattern import default_scale, llada_reference_scale
 from sparsed_vllm.core.request import DiffusionRequest, StepPlan
 from sparsed_vllm.core.sparsed import (
@@ -117,6 +121,12 @@ class DiffusionModelRunner:
             self.model_config.get_head_size(),
         )
         self.kv_caches: list[torch.Tensor] = []
+        # Cached steps whose layout repeats run as a captured graph (single GPU, opt-in).
+        runner = RunnerConfig.from_additional_config(vllm_config.additional_config)
+        self.step_graphs = runner.cuda_graphs and vllm_config.parallel_config.world_size == 1
+        self._graph: _StepGraph | None = None
+        self._first: tuple[tuple, AttentionBatch] | None = None  # a layout seen once
+        self.graph_replays = 0
         self.model: torch.nn.Module | None = None
         self.model_memory_usage = 0
         self.is_pooling_model = False
@@ -226,6 +236,7 @@ class DiffusionModelRunner:
 
     # The step.
     def _drop(self, req_id: str) -> None:
+        self._graph = self._first = None
         self.requests.pop(req_id, None)
         self.kv_pages.pop(req_id, None)
         slot = self.slots.pop(req_id, None)
@@ -315,9 +326,37 @@ class DiffusionModelRunner:
         return (row.plan.cached, (DENSE, SELECT, SPARSE).index(row.plan.stage), tile)
 
     def _forward_rows(self, batch: list[_Row]) -> torch.Tensor:
+        if self.step_graphs and all(r.plan.cached for r in batch):
+            return self._graphed(batch)
+        self._graph = self._first = None
+        return self._run(*self._inputs(batch), self._metadata(batch))
+
+    def _inputs(self, batch: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = [torch.arange(r.plan.start, r.plan.end) for r in batch]
+        return torch.cat([r.tokens for r in batch]), torch.cat(positions)
+
+    def _graphed(self, batch: list[_Row]) -> torch.Tensor:
+        """A cached step through a graph: its first occurrence of a layout runs eagerly (which
+        also builds the per-step kernel plans), the second captures that step's forward with the
+        first's metadata, later ones replay it with only the tokens copied in."""
+        layout = tuple((r.req_id, r.index, r.plan.start, r.plan.end, r.plan.stage) for r in batch)
+        input_ids, positions = self._inputs(batch)
+        if self._graph is not None and self._graph.layout == layout:
+            self.graph_replays += 1
+            return self._graph.run(input_ids)
+        self._graph = None  # another layout: the old graph's memory goes back
+        if self._first is not None and self._first[0] == layout:
+            self._graph = _StepGraph(layout, self._first[1], input_ids, positions, self._run)
+            self._first = None
+            return self._graph.run(input_ids)
+        metadata = self._metadata(batch)
+        self._first = (layout, metadata)
+        return self._run(input_ids, positions, metadata)
+
+    def _metadata(self, batch: list[_Row]) -> AttentionBatch:
         full = [r for r in batch if not r.plan.cached]
         cached = [r for r in batch if r.plan.cached]
-        metadata = AttentionBatch.build(
+        return AttentionBatch.build(
             [r.tokens.numel() for r in full],
             self.device,
             [self._sequence_stage(r) for r in full],
@@ -326,8 +365,6 @@ class DiffusionModelRunner:
             cached=[self._cached_window(r) for r in cached],
             kv_write=self._kv_write(batch),
         )
-        positions = [torch.arange(r.plan.start, r.plan.end) for r in batch]
-        return self._run(torch.cat([r.tokens for r in batch]), torch.cat(positions), metadata)
 
     def _forward(self, sequences: list[torch.Tensor]) -> torch.Tensor:
         """Hidden states of whole sequences laid end to end, dense. -> [sum(L), hidden]"""
@@ -413,3 +450,33 @@ class DiffusionModelRunner:
     def sample_tokens(self, grammar_output) -> ModelRunnerOutput:
         # execute_model already sampled; the engine calls this only if it returned None.
         return EMPTY_MODEL_RUNNER_OUTPUT
+
+
+class _StepGraph:
+    """One cached-step layout's forward, captured as a CUDA graph (on other devices the same
+    static-buffer path runs eagerly, so CPU tests cover everything but the capture itself).
+
+    The layout fixes every input but the tokens: positions, the KV slots the window writes, the
+    pages it reads and the kernels' plans are those of its first step, kept in `metadata`.
+    """
+
+    def __init__(self, layout, metadata, input_ids, positions, forward) -> None:
+        self.layout, self.metadata, self.forward = layout, metadata, forward
+        device = metadata.groups[0].cu_seqlens.device
+        self.input_ids = input_ids.to(device)
+        self.positions = positions.to(device)
+        self.graph = None
+        self.hidden: torch.Tensor | None = None
+        if device.type == "cuda":
+            # The same layout just ran eagerly: kernels are compiled and plans built.
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.hidden = forward(self.input_ids, self.positions, metadata)
+
+    def run(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self.input_ids.copy_(input_ids)
+        if self.graph is None:
+            self.hidden = self.forward(self.input_ids, self.positions, self.metadata)
+        else:
+            self.graph.replay()
+        return self.hidden

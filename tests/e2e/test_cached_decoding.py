@@ -232,3 +232,46 @@ def test_plugin_wide_decoding_defaults(llada_tiny_dir, llada_tiny, llada_mask):
             assert other == llada_tokens(llada_tiny, llada_mask, prompt, GEN, request_mode)
     finally:
         llm.llm_engine.engine_core.shutdown()
+
+
+def test_step_graphs_replay_cached_steps_with_the_same_tokens(
+    llada_tiny_dir, llada_tiny, llada_mask, stepped
+):
+    """`runner.cuda_graphs`: a cached step's layout seen twice is captured and replayed (eagerly
+    on the CPU, through the same static buffers and first-step metadata as a CUDA graph). Tokens
+    equal the oracle and the eager engine, alone and in a batch whose layout keeps changing."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        args = {**ENGINE_DEFAULTS, "additional_config": {"runner": {"cuda_graphs": True}}}
+        engine = LLMEngine.from_engine_args(EngineArgs(model=str(llada_tiny_dir), **args))
+    try:
+        modes = {
+            "dual": {"steps": 16, "block_length": 8, "cache": "dual"},
+            "prefix": {"steps": 16, "block_length": 8, "cache": "prefix"},
+            "dual-threshold": {"steps": 8, "block_length": 8, "cache": "dual", "threshold": 0.4},
+            "dual-sparsed": {
+                **{"steps": 16, "block_length": 8, "cache": "dual", "sparsed": True},
+                **{"sparsed_block_size": 16, "sparsed_skip": 0.0},
+            },
+        }
+        requests = [
+            (n, PROMPTS[i % 3], params(m, **DELTA)) for i, (n, m) in enumerate(modes.items())
+        ]
+        alone = {}
+        for req_id, prompt, sp in requests:
+            before = engine.collective_rpc(lambda w: w.model_runner.graph_replays)[0]
+            got, _ = _run(engine, [(f"{req_id}-alone", prompt, sp.clone())])
+            alone[req_id] = got[f"{req_id}-alone"]
+            # Two blocks of 8: each has 7 cached steps, the first eager, the second captured.
+            replays = engine.collective_rpc(lambda w: w.model_runner.graph_replays)[0] - before
+            assert replays >= (10 if modes[req_id]["steps"] == 16 else 0), req_id
+        batched, _ = _run(engine, requests[:2], joining=requests[2:])
+        eager, _ = _run(stepped, [(f"{r}-eager", p, sp.clone()) for r, p, sp in requests])
+        for req_id, prompt, _ in requests:
+            assert alone[req_id] == batched[req_id] == eager[f"{req_id}-eager"], req_id
+            if "sparsed" not in modes[req_id]:
+                want = llada_tokens(llada_tiny, llada_mask, prompt, GEN, modes[req_id])
+                assert alone[req_id] == want, req_id
+        assert engine.collective_rpc(lambda w: w.model_runner._graph)[0] is None  # all finished
+    finally:
+        engine.engine_core.shutdown()

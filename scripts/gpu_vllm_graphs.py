@@ -1,0 +1,126 @@
+"""Cached steps replayed as CUDA graphs (`runner.cuda_graphs`) against eager steps, on a GPU.
+
+    bash scripts/gpu_vllm_run.sh scripts/gpu_vllm_graphs.py --out out [--length 8192]
+
+LLaDA-8B shape (32 layers, bf16, vLLM's random weights), one request of `--length` tokens, 256
+new tokens, blocks of 32, T = 256, dual cache with and without SparseD: one in-process engine with
+eager steps, then one with graphs. Every step is timed and labelled (as in gpu_vllm_race.py);
+the output tokens of the two engines must be equal. Writes `gpu_vllm_graphs.json` in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_vllm_race import BLOCK, GEN, KV_CACHE_BYTES, STEPS, step_kinds  # noqa: E402
+
+MODES = {
+    "dual": {"cache": "dual", "sparsed": False},
+    "dual + SparseD": {"cache": "dual", "sparsed": True},
+}
+
+
+def make_engine(model: Path, max_len: int, graphs: bool):
+    from vllm import EngineArgs, LLMEngine
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return LLMEngine.from_engine_args(
+        EngineArgs(
+            model=str(model),
+            dtype="bfloat16",
+            load_format="dummy",
+            enforce_eager=True,
+            compilation_config={"custom_ops": ["none"]},
+            max_model_len=max_len,
+            max_num_batched_tokens=max_len,
+            max_num_seqs=2,
+            seed=0,
+            gpu_memory_utilization=0.5,
+            kv_cache_memory_bytes=KV_CACHE_BYTES,
+            additional_config={"runner": {"cuda_graphs": graphs}},
+        )
+    )
+
+
+def generate(engine, prompt: list[int], extra: dict, tag: str) -> tuple[list[int], list[float]]:
+    """Output tokens and the seconds of each engine step of one request."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(max_tokens=GEN, temperature=0, ignore_eos=True, extra_args=extra)
+    engine.add_request(tag, {"prompt_token_ids": prompt}, sp)
+    tokens, times = [], []
+    while engine.has_unfinished_requests():
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        outputs = engine.step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        for out in outputs:
+            tokens = list(out.outputs[0].token_ids)
+    return tokens, times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="out")
+    parser.add_argument("--work", default="/tmp/sparsed-graphs")
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--layers", type=int, default=32)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = Path(args.work) / "llada"
+    cmd = [sys.executable, "-m", "sparsed_vllm.checkpoint", "--arch", "llada", "--out", str(model)]
+    cmd += ["--preset", "full", "--layers", str(args.layers), "--max-len", str(args.length)]
+    subprocess.run(cmd + ["--no-weights"], check=True, stdout=subprocess.DEVNULL)
+    mask_id = json.loads((model / "config.json").read_text())["mask_token_id"]
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 100000, (args.length - GEN,), generator=g).tolist()
+    report = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
+    report.update(argv=sys.argv[1:], runs={})
+    for graphs in (False, True):
+        engine = make_engine(model, args.length, graphs)
+        label = "graphs" if graphs else "eager"
+        for name, mode in MODES.items():
+            extra = {"steps": STEPS, "block_length": BLOCK, **mode}
+            # Untimed first: Triton compiles and cuDNN plans at this shape.
+            generate(engine, prompt, {**extra, "steps": 16, "block_length": 32}, f"warm-{name}")
+            tokens, times = generate(engine, prompt, extra, f"{label}-{name}")
+            kinds = step_kinds(len(prompt), extra, mask_id)
+            by_kind: dict[str, list[float]] = {}
+            for kind, seconds in zip(kinds, times, strict=False):
+                by_kind.setdefault(kind, []).append(seconds)
+            row = {
+                "total_s": sum(times),
+                "median_ms": {k: 1000 * statistics.median(v) for k, v in by_kind.items()},
+                "tokens": tokens,
+            }
+            report["runs"][f"{label} {name}"] = row
+            print(f"{label} {name}: {row['total_s']:.2f} s {row['median_ms']}", flush=True)
+            (out / "gpu_vllm_graphs.json").write_text(json.dumps(report, indent=1))
+        engine.engine_core.shutdown()
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    for name in MODES:
+        same = (
+            report["runs"][f"eager {name}"]["tokens"] == report["runs"][f"graphs {name}"]["tokens"]
+        )
+        report[f"{name}: graph tokens == eager tokens"] = same
+        print(f"{name}: graph tokens == eager tokens: {same}", flush=True)
+    (out / "gpu_vllm_graphs.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
