@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -23,34 +22,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_vllm_race import BLOCK, GEN, KV_CACHE_BYTES, STEPS, step_kinds  # noqa: E402
+from gpu_vllm_race import BLOCK, GEN, STEPS, make_engine, step_kinds  # noqa: E402
 
 MODES = {
     "dual": {"cache": "dual", "sparsed": False},
     "dual + SparseD": {"cache": "dual", "sparsed": True},
 }
-
-
-def make_engine(model: Path, max_len: int, graphs: bool):
-    from vllm import EngineArgs, LLMEngine
-
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    return LLMEngine.from_engine_args(
-        EngineArgs(
-            model=str(model),
-            dtype="bfloat16",
-            load_format="dummy",
-            enforce_eager=True,
-            compilation_config={"custom_ops": ["none"]},
-            max_model_len=max_len,
-            max_num_batched_tokens=max_len,
-            max_num_seqs=2,
-            seed=0,
-            gpu_memory_utilization=0.5,
-            kv_cache_memory_bytes=KV_CACHE_BYTES,
-            additional_config={"runner": {"cuda_graphs": graphs}},
-        )
-    )
 
 
 def generate(engine, prompt: list[int], extra: dict, tag: str) -> tuple[list[int], list[float]]:
@@ -90,7 +67,8 @@ def main() -> None:
     report = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
     report.update(argv=sys.argv[1:], runs={})
     for graphs in (False, True):
-        engine = make_engine(model, args.length, graphs)
+        runner = {"runner": {"cuda_graphs": graphs}}
+        engine = make_engine(model, args.length, additional_config=runner)
         label = "graphs" if graphs else "eager"
         for name, mode in MODES.items():
             extra = {"steps": STEPS, "block_length": BLOCK, **mode}

@@ -57,25 +57,25 @@ def step_kinds(prompt_len: int, extra: dict, mask_id: int) -> list[str]:
     return kinds
 
 
-def make_engine(model: Path, max_len: int):
+def make_engine(model: Path, max_len: int, **overrides):
+    """An in-process engine (one `step()` is one denoising step) on vLLM's random weights."""
     from vllm import EngineArgs, LLMEngine
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    return LLMEngine.from_engine_args(
-        EngineArgs(
-            model=str(model),
-            dtype="bfloat16",
-            load_format="dummy",
-            enforce_eager=True,
-            compilation_config={"custom_ops": ["none"]},
-            max_model_len=max_len,
-            max_num_batched_tokens=max_len,
-            max_num_seqs=2,
-            seed=0,
-            gpu_memory_utilization=0.5,
-            kv_cache_memory_bytes=KV_CACHE_BYTES,
-        )
+    options = dict(
+        model=str(model),
+        dtype="bfloat16",
+        load_format="dummy",
+        enforce_eager=True,
+        compilation_config={"custom_ops": ["none"]},
+        max_model_len=max_len,
+        max_num_batched_tokens=max_len,
+        max_num_seqs=2,
+        seed=0,
+        gpu_memory_utilization=0.5,
+        kv_cache_memory_bytes=KV_CACHE_BYTES,
     )
+    return LLMEngine.from_engine_args(EngineArgs(**{**options, **overrides}))
 
 
 def run_steps(engine, prompt: list[int], extra: dict, limit: int | None, tag: str) -> list[float]:

@@ -320,12 +320,7 @@ def cached_attention(
         *(max_seqlen_q, max_kv_len, num_sms(q), config),
     )
     splits, grid = plan.pop("num_splits"), plan.pop("grid")
-    o_part = lse_part = out
-    part_strides = (0,) * 5
-    if splits > 1:
-        o_part = torch.empty(splits, *q.shape, dtype=torch.float32, device=q.device)
-        lse_part = torch.empty(splits, n_tokens, n_heads, dtype=torch.float32, device=q.device)
-        part_strides = (*o_part.stride()[:3], *lse_part.stride()[:2])
+    o_part, lse_part, part_strides = split_buffers(q, out, splits)
     _cached_attn_fwd_kernel[grid](
         q,
         k_cache,
@@ -355,21 +350,37 @@ def cached_attention(
         **plan,
     )
     if splits > 1:
-        _combine_splits_kernel[(n_tokens, n_heads)](
-            o_part,
-            lse_part,
-            out,
-            cu_seqlens_q,
-            n_seqs,
-            splits,
-            *part_strides,
-            out.stride(0),
-            out.stride(1),
-            D=head_dim,
-            BLOCK_S=triton.next_power_of_2(splits),
-            num_warps=4,
-        )
+        combine_splits(o_part, lse_part, out, cu_seqlens_q, n_seqs, splits, part_strides)
     return out
+
+
+def split_buffers(q: torch.Tensor, out: torch.Tensor, splits: int):
+    """fp32 partial outputs `[S, Tq, Hq, D]` and log2-sum-exps `[S, Tq, Hq]` of a split-K launch,
+    and their strides as the kernels take them; without a split, `out` stands in (unused)."""
+    if splits == 1:
+        return out, out, (0,) * 5
+    o_part = torch.empty(splits, *q.shape, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(splits, *q.shape[:2], dtype=torch.float32, device=q.device)
+    return o_part, lse_part, (*o_part.stride()[:3], *lse_part.stride()[:2])
+
+
+def combine_splits(o_part, lse_part, out, cu_seqlens_q, n_seqs, splits, part_strides) -> None:
+    """Merge the splits' partials into `out`, one program per (query row, head)."""
+    n_tokens, n_heads, head_dim = out.shape
+    _combine_splits_kernel[(n_tokens, n_heads)](
+        o_part,
+        lse_part,
+        out,
+        cu_seqlens_q,
+        n_seqs,
+        splits,
+        *part_strides,
+        out.stride(0),
+        out.stride(1),
+        D=head_dim,
+        BLOCK_S=triton.next_power_of_2(splits),
+        num_warps=4,
+    )
 
 
 def _check_inputs(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_table, out) -> None:

@@ -23,7 +23,7 @@ import triton.language as tl
 from sparsed_vllm.core.pattern import TilePattern
 
 from ..utils import num_sms
-from .fused import LOG2E, _check_inputs, _combine_splits_kernel, num_splits
+from .fused import LOG2E, _check_inputs, combine_splits, num_splits, split_buffers
 from .windows import WindowLists, WindowPlan, pack_lists, plan_windows, window_lists
 
 # K + V elements of one key block, as in the dense cached kernel.
@@ -253,12 +253,7 @@ def cached_sparse_attention(
     if splits is None:
         max_keys = lists.kv_indices.shape[-1] * tile
         splits = num_splits(plan.num_items * (n_heads // pack), max_keys, num_sms(q))
-    o_part = lse_part = out
-    part_strides = (0,) * 5
-    if splits > 1:
-        o_part = torch.empty(splits, *q.shape, dtype=torch.float32, device=q.device)
-        lse_part = torch.empty(splits, n_tokens, n_heads, dtype=torch.float32, device=q.device)
-        part_strides = (*o_part.stride()[:3], *lse_part.stride()[:2])
+    o_part, lse_part, part_strides = split_buffers(q, out, splits)
     bits = lists.head_bits if lists.head_bits is not None else lists.kv_indices
     if bits.stride() != lists.kv_indices.stride():
         raise ValueError("head_bits must be laid out like kv_indices")
@@ -300,18 +295,5 @@ def cached_sparse_attention(
         **cfg,
     )
     if splits > 1:
-        _combine_splits_kernel[(n_tokens, n_heads)](
-            o_part,
-            lse_part,
-            out,
-            cu_seqlens_q,
-            n_seqs,
-            splits,
-            *part_strides,
-            out.stride(0),
-            out.stride(1),
-            D=head_dim,
-            BLOCK_S=triton.next_power_of_2(splits),
-            num_warps=4,
-        )
+        combine_splits(o_part, lse_part, out, cu_seqlens_q, n_seqs, splits, part_strides)
     return out
