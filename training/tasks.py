@@ -155,27 +155,28 @@ def two_hop(rng: random.Random, length: int, count: TokenCounter = approx_tokens
     return Example("two_hop", _prompt(lines, question), values[holders[start]])
 
 
-def copy(rng: random.Random, length: int, count: TokenCounter = approx_tokens) -> Example:
-    """A numbered note of 3 to 5 words among distractors; ask to repeat that note."""
+def _note(
+    kind: str, rng: random.Random, length: int, count: TokenCounter, words: tuple[int, int]
+) -> Example:
+    """A numbered note of `words` (inclusive range) words among distractors; ask to repeat it."""
     tag = rng.randint(10, 99)
-    span = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 5)))
+    span = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(*words)))
     needle = f"Note {tag}: {span}."
     question = f"Repeat note {tag} word for word."
     budget = length - count(needle + "\n" + question + ANSWER_PREFIX)
     context = _bury(rng, _fill(rng, lambda: _sentence(rng), budget, count), needle)
-    return Example("copy", _prompt(context, question), span)
+    return Example(kind, _prompt(context, question), span)
+
+
+def copy(rng: random.Random, length: int, count: TokenCounter = approx_tokens) -> Example:
+    """A numbered note of 3 to 5 words among distractors; ask to repeat that note."""
+    return _note("copy", rng, length, count, (3, 5))
 
 
 def copy_long(rng: random.Random, length: int, count: TokenCounter = approx_tokens) -> Example:
-    """A numbered passage of 33 to 48 words among distractors; ask to repeat it word for word (an
-    answer over two blocks of 32 tokens: the model must keep its place while copying)."""
-    tag = rng.randint(10, 99)
-    span = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(33, 48)))
-    needle = f"Note {tag}: {span}."
-    question = f"Repeat note {tag} word for word."
-    budget = length - count(needle + "\n" + question + ANSWER_PREFIX)
-    context = _bury(rng, _fill(rng, lambda: _sentence(rng), budget, count), needle)
-    return Example("copy_long", _prompt(context, question), span)
+    """As `copy` with a passage of 33 to 48 words: an answer over two blocks of 32 tokens (the
+    model must keep its place while copying)."""
+    return _note("copy_long", rng, length, count, (33, 48))
 
 
 _COLOURS = ("red", "blue", "green", "gold", "grey", "pink", "black", "white", "brown", "orange")

@@ -19,7 +19,7 @@ from sparsed_vllm.kernels import (
 )
 from test_cached_attention import make_paged
 from test_cached_sparse_attention import random_patterns
-from test_pattern_selection import assert_same_selection
+from test_pattern_selection import assert_same_mass, assert_same_selection
 from test_sparse_attention import random_pattern
 
 from sparsed_vllm.core.pattern import TilePattern, default_scale, pack_patterns
@@ -71,11 +71,7 @@ def test_fused_selection(lens, gens, tile, assert_close):
     scale = default_scale(64)
     full_ref, gen_ref = tile_importance_ref(q, k, cu, gens, tile, scale)
     mass, mass_gen, offsets, gen_tiles = fused_tile_importance(q, k, cu, gens, tile, scale)
-    bounds = offsets.tolist()
-    for b in range(len(lens)):
-        rows, nb, g = slice(bounds[b], bounds[b + 1]), full_ref[b].shape[-1], int(gen_tiles[b])
-        assert_close(f"mass[{b}]", full_ref[b], mass[:, rows, :nb], 1e-3)
-        assert_close(f"mass_gen[{b}]", gen_ref[b], mass_gen[:, rows, g:nb], 1e-3)
+    assert_same_mass(assert_close, full_ref, gen_ref, mass, mass_gen, offsets, gen_tiles, 1e-3)
     fused = fused_select_pattern(q, k, cu, gens, tile, 0.3, scale)
     ref = select_pattern_ref(q, k, cu, gens, tile, 0.3, scale)
     assert_same_selection(fused, ref, full_ref, gen_ref, lens, gens, tile, 0.3)

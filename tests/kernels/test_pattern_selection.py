@@ -64,6 +64,16 @@ def assert_same_selection(fused, ref, full_ref, gen_ref, lens, gens, tile, selec
         assert bool(near[diff].all()), f"sequence {b}: {int(diff.sum())} tiles differ, not ties"
 
 
+def assert_same_mass(assert_close, full_ref, gen_ref, mass, mass_gen, offsets, gen_tiles, tol):
+    """The fused tile masses of each sequence (packed along query tiles, padded key tiles)
+    against the reference's per-sequence ones."""
+    bounds = offsets.tolist()
+    for b in range(len(full_ref)):
+        rows, nb, g = slice(bounds[b], bounds[b + 1]), full_ref[b].shape[-1], int(gen_tiles[b])
+        assert_close(f"mass[{b}]", full_ref[b], mass[:, rows, :nb], tol)
+        assert_close(f"mass_gen[{b}]", gen_ref[b], mass_gen[:, rows, g:nb], tol)
+
+
 @pytest.mark.parametrize("scale_kind", ["head_dim", "llada"])
 @pytest.mark.parametrize(
     "lens,gens,n_heads,n_kv,head_dim,dtype,tile,select", CASES, ids=[_case_id(c) for c in CASES]
@@ -77,11 +87,7 @@ def test_fused_selection(
     scale = default_scale(head_dim) if scale_kind == "head_dim" else llada_reference_scale(32)
     full_ref, gen_ref = tile_importance_ref(q, k, cu, gens, tile, scale)
     mass, mass_gen, offsets, gen_tiles = fused_tile_importance(q, k, cu, gens, tile, scale)
-    bounds = offsets.tolist()
-    for b in range(len(lens)):
-        rows, nb, g = slice(bounds[b], bounds[b + 1]), full_ref[b].shape[-1], int(gen_tiles[b])
-        assert_close(f"mass[{b}]", full_ref[b], mass[:, rows, :nb], 1e-4)
-        assert_close(f"mass_gen[{b}]", gen_ref[b], mass_gen[:, rows, g:nb], 1e-4)
+    assert_same_mass(assert_close, full_ref, gen_ref, mass, mass_gen, offsets, gen_tiles, 1e-4)
 
     fused = fused_select_pattern(q, k, cu, gens, tile, select, scale)
     ref = select_pattern_ref(q, k, cu, gens, tile, select, scale)
@@ -119,8 +125,4 @@ def test_tile_mass_sub_blocks(config, assert_close):
     mass, mass_gen, offsets, gen_tiles = fused_tile_importance(
         q, k, cu, gens, 128, 0.1, None, config
     )
-    bounds = offsets.tolist()
-    for b in range(len(lens)):
-        rows, nb, g = slice(bounds[b], bounds[b + 1]), full_ref[b].shape[-1], int(gen_tiles[b])
-        assert_close(f"mass[{b}]", full_ref[b], mass[:, rows, :nb], 1e-4)
-        assert_close(f"mass_gen[{b}]", gen_ref[b], mass_gen[:, rows, g:nb], 1e-4)
+    assert_same_mass(assert_close, full_ref, gen_ref, mass, mass_gen, offsets, gen_tiles, 1e-4)
