@@ -13,6 +13,11 @@ SITE=${FA4_SITE:-/tmp/fa4-site}
 if [ "$(cat "$SITE/.manifest" 2>/dev/null)" != "$(sha256sum "$PARTS/MANIFEST" | cut -c1-16)" ]; then
   rm -rf "$SITE" && mkdir -p "$SITE"
   cat "$PARTS"/part-* | xz -d | tar -C "$SITE" -xf -
+  # Wheels beside the parts (bundles made before they were packed in): the CuTe DSL's Python
+  # package, nvidia-cutlass-dsl-libs-core, and apache-tvm-ffi. Unpacked in place, like the rest.
+  for wheel in "$PARTS"/*.whl; do
+    [ -e "$wheel" ] && python3 -m zipfile -e "$wheel" "$SITE"
+  done
   sha256sum "$PARTS/MANIFEST" | cut -c1-16 >"$SITE/.manifest"
 fi
 PYTHONPATH="$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages" python3 -c \

@@ -27,7 +27,7 @@ logger = init_logger(f"vllm.{__name__}")  # under "vllm" so it shares its handle
 
 _GLUE = "sparsed_vllm.vllm_glue"
 SCHEDULER_CLS = f"{_GLUE}.scheduler.DiffusionScheduler"
-CPU_WORKER_CLS = f"{_GLUE}.worker.DiffusionCPUWorker"
+CPU_WORKER_CLS = f"{_GLUE}.cpu_worker.DiffusionCPUWorker"
 GPU_WORKER_CLS = f"{_GLUE}.worker.DiffusionGPUWorker"
 KV_PAGE_SIZE = 128
 CPU_KV_CACHE_BYTES = 2**30

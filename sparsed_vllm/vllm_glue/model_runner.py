@@ -469,9 +469,13 @@ class _StepGraph:
         self.hidden: torch.Tensor | None = None
         if device.type == "cuda":
             # The same layout just ran eagerly: kernels are compiled and plans built.
+            # Capture needs a stream other than the default one, ordered after this step's work.
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, stream=stream):
                 self.hidden = forward(self.input_ids, self.positions, metadata)
+            torch.cuda.current_stream(device).wait_stream(stream)
 
     def run(self, input_ids: torch.Tensor) -> torch.Tensor:
         self.input_ids.copy_(input_ids)

@@ -1,60 +1,25 @@
-"""Workers that run the diffusion model runner instead of vLLM's autoregressive one.
+"""The GPU worker that runs the diffusion model runner instead of vLLM's autoregressive one.
 
-Why it exists: the GPU Worker offers `_make_model_runner()` as its override point; the CPU worker
-builds its runner inline in `init_device`, so the CPU subclass repeats that method's set-up
-(device, thread binding guard, distributed init, seed) around our runner. Remove the CPU copy when
-CPUWorker gains the same override point.
+Why it exists: the GPU Worker offers `_make_model_runner()` as its override point. The CPU worker
+lives in `cpu_worker.py`: importing vLLM's CPU worker replaces `torch.cuda.Stream`, `stream`,
+`current_stream` and `Event` with placeholders process-wide (`vllm/v1/worker/cpu/shm.py`), which
+breaks CUDA graph capture and CUDA events on a GPU, so this module must not import it.
 """
 
 from __future__ import annotations
 
-import os
-
-import torch
-from vllm.platforms import current_platform
 from vllm.utils.torch_utils import set_random_seed
-from vllm.v1.worker.cpu_worker import CPUWorker
-from vllm.v1.worker.gpu_worker import Worker, init_worker_distributed_environment
+from vllm.v1.worker.gpu_worker import Worker
 from vllm.v1.worker.worker_base import CompilationTimes
 
 from sparsed_vllm.vllm_glue.model_runner import DiffusionModelRunner
 
 
-def _compilation_times(worker) -> CompilationTimes:
+def compilation_times(worker) -> CompilationTimes:
     return CompilationTimes(
         language_model=worker.compilation_config.compilation_time,
         encoder=worker.compilation_config.encoder_compilation_time,
     )
-
-
-class DiffusionCPUWorker(CPUWorker):
-    def init_device(self) -> None:
-        self.device = torch.device("cpu")
-
-        def skip_set_num_threads(_: int) -> None:
-            return None
-
-        # Threads are bound by the CPU worker; later set_num_threads calls must not undo it.
-        torch.set_num_threads = skip_set_num_threads
-        init_method = self.distributed_init_method
-        os.environ["VLLM_DIST_IDENT"] = (
-            os.path.basename(init_method.removeprefix("file://"))
-            if init_method.startswith("file://")
-            else init_method.split(":")[-1]
-        )
-        init_worker_distributed_environment(
-            self.vllm_config,
-            self.rank,
-            self.distributed_init_method,
-            self.local_rank,
-            current_platform.dist_backend,
-        )
-        set_random_seed(self.model_config.seed)
-        self.model_runner = DiffusionModelRunner(self.vllm_config, self.device)
-
-    def compile_or_warm_up_model(self) -> CompilationTimes:
-        self.model_runner.warming_up_model()
-        return _compilation_times(self)
 
 
 class DiffusionGPUWorker(Worker):
@@ -65,4 +30,4 @@ class DiffusionGPUWorker(Worker):
         # No CUDA graphs: sequence lengths change with every request mix.
         self.model_runner.warming_up_model()
         set_random_seed(self.model_config.seed)
-        return _compilation_times(self)
+        return compilation_times(self)

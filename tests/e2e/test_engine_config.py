@@ -1,5 +1,8 @@
 """Engine configuration the plugin chooses when the user leaves it to vLLM."""
 
+import subprocess
+import sys
+
 import pytest
 from vllm import EngineArgs
 from vllm.config import CompilationMode
@@ -24,3 +27,17 @@ def test_explicit_compilation_settings_are_kept(llada_tiny_dir):
     assert ops_off.compilation_config.custom_ops == ["none"]
     compiled = engine_config(llada_tiny_dir, compilation_config={"mode": 3})
     assert compiled.compilation_config.mode != CompilationMode.NONE
+
+
+def test_gpu_worker_leaves_torch_cuda_streams_alone():
+    """vLLM's CPU worker module swaps torch.cuda.Stream/stream/Event for placeholders when
+    imported; the GPU worker module must not import it (CUDA graph capture then fails)."""
+    code = (
+        "import sys, torch; stream = torch.cuda.stream; "
+        "import sparsed_vllm.vllm_glue.worker; "
+        "assert 'vllm.v1.worker.cpu_worker' not in sys.modules, 'CPU worker imported'; "
+        "assert torch.cuda.stream is stream, 'torch.cuda.stream replaced'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    # The CPU worker still loads (and does patch, which is harmless on a CPU engine).
+    subprocess.run([sys.executable, "-c", "import sparsed_vllm.vllm_glue.cpu_worker"], check=True)
