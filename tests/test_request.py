@@ -107,3 +107,19 @@ def test_empty_prompt_is_rejected():
     params = resolve_params(LLADA, None, max_tokens=4)
     with pytest.raises(ValueError, match="at least one token"):
         DiffusionRequest([], params, 99)
+
+
+def test_summary_counts_committed_tokens_per_step(llada_tiny, llada_tiny_dir):
+    """A request stopped after its first block (end of text there) reports the tokens it
+    committed per step, not the canvas length over the steps."""
+    mask = mask_id(llada_tiny_dir)
+    params = resolve_params(
+        LLADA, {"steps": 16, "block_length": 8, "threshold": 1e-9}, max_tokens=16
+    )
+    request = DiffusionRequest([5, 6, 7], params, mask)
+    while not request.advance(
+        torch.stack([llada_tiny(request.canvas[None])[0, request.logit_positions()]])
+    ):
+        pass
+    assert request.summary()["tokens_per_step"] == 8 / request.step
+    assert request.summary()["tokens_per_step"] > 1  # every max probability clears 1e-9

@@ -197,7 +197,7 @@ class DiffusionRequest:
         p = self.params
         return {
             "steps": self.step,
-            "tokens_per_step": p.gen_length / max(self.step, 1),
+            "tokens_per_step": sum(self.commits) / max(self.step, 1),
             "cache": p.cache,
             "threshold": p.threshold,
             "factor": p.factor,
