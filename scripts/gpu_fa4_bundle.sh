@@ -9,9 +9,9 @@
 #
 # What goes in:
 # - nvidia-cutlass-dsl 4.8.0 with its CUDA 13 libraries (the CuTe DSL compiler, 190 MB unpacked,
-#   about 60 MB as xz) and base libraries, quack-kernels 0.6.5, torch-c-dlpack-ext: what vLLM
-#   0.32 pins for its CuTe kernels. apache-tvm-ffi is in the vLLM bundle, cuda-bindings and
-#   einops in the GPU image.
+#   about 60 MB as xz), its base libraries and its Python package (libs-core: `cutlass.cute`),
+#   quack-kernels 0.6.5, torch-c-dlpack-ext and apache-tvm-ffi: what vLLM 0.32 pins for its CuTe
+#   kernels. cuda-bindings and numpy are in the GPU image.
 # - vLLM 0.32.0's `vllm/vllm_flash_attn/cute/` sources, under empty `vllm/` and
 #   `vllm/vllm_flash_attn/` packages: the kernels import only their own modules and cutlass, so
 #   they load without the rest of vLLM (or with the vLLM bundle on the path instead).
@@ -24,7 +24,8 @@ PART_MB=${PART_MB:-40}
 VLLM_BUNDLE=${BUNDLE:-.gpu_vllm}
 WHEELS=(
   nvidia-cutlass-dsl==4.8.0 nvidia-cutlass-dsl-libs-base==4.8.0
-  nvidia-cutlass-dsl-libs-cu13==4.8.0 quack-kernels==0.6.5 torch-c-dlpack-ext==0.1.5
+  nvidia-cutlass-dsl-libs-core==4.8.0 nvidia-cutlass-dsl-libs-cu13==4.8.0
+  quack-kernels==0.6.5 torch-c-dlpack-ext==0.1.5 apache-tvm-ffi==0.1.15.post2
 )
 
 if ! git check-ignore -q "$OUT" 2>/dev/null; then

@@ -98,6 +98,10 @@ def family_of(architecture: str) -> str:
     raise ValueError(f"architecture {architecture!r} is neither LLaDA nor Dream")
 
 
+# Kernels of the sparse steps (`RunnerConfig.sparse_kernel`).
+SPARSE_KERNELS = ("triton", "fa4")
+
+
 @dataclass(frozen=True)
 class RunnerConfig:
     """How the diffusion runner executes steps (`--additional-config '{"runner": {...}}'`).
@@ -106,22 +110,35 @@ class RunnerConfig:
     requests, windows and stages: every step of a block after its second) and replay it, which
     removes the per-layer launch and Python overhead that bounds cached steps. Single GPU only
     (tensor parallelism keeps eager steps). Off by default until measured on every supported card.
+
+    `sparse_kernel`: the kernel of SparseD's sparse steps on a GPU. "triton" (ours, any CUDA GPU)
+    or "fa4" (FlashAttention-4's block-sparse forward as vLLM ships it, `vllm.vllm_flash_attn.cute`:
+    Hopper and Blackwell, tiles of a multiple of its 128-row query block, head size 64 or 128;
+    other requests keep Triton). FA4 measured 1.31-1.41x faster on an H200; it stays opt-in until
+    it has run inside the engine on a GPU.
     """
 
     cuda_graphs: bool = False
+    sparse_kernel: str = "triton"
 
     def __post_init__(self) -> None:
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"runner.cuda_graphs must be true or false, got {self.cuda_graphs!r}")
+        if self.sparse_kernel not in SPARSE_KERNELS:
+            raise ValueError(
+                f"runner.sparse_kernel must be one of {SPARSE_KERNELS}, got {self.sparse_kernel!r}"
+            )
 
     @classmethod
     def from_additional_config(cls, additional_config: dict[str, Any] | None) -> RunnerConfig:
         section = (additional_config or {}).get("runner", {})
         if not isinstance(section, dict):
             raise ValueError(f"additional_config 'runner' must be an object, got {section!r}")
-        unknown = sorted(set(section) - {"cuda_graphs"})
+        unknown = sorted(set(section) - {"cuda_graphs", "sparse_kernel"})
         if unknown:
-            raise ValueError(f"unknown runner setting(s) {unknown}; supported: cuda_graphs")
+            raise ValueError(
+                f"unknown runner setting(s) {unknown}; supported: cuda_graphs, sparse_kernel"
+            )
         return cls(**section)
 
 

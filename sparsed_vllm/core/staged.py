@@ -103,6 +103,8 @@ class AttentionBatch:
     selection_scale: float | None = None
     kv_write: KVWrite | None = None
     num_cached_rows: int = 0
+    # Kernel of the sparse groups on a GPU (`RunnerConfig.sparse_kernel`).
+    sparse_kernel: str = "triton"
 
     @property
     def num_full_tokens(self) -> int:
@@ -118,6 +120,7 @@ class AttentionBatch:
         selection_scale: float | None = None,
         cached: list[CachedWindow] | None = None,
         kv_write: KVWrite | None = None,
+        sparse_kernel: str = "triton",
     ) -> AttentionBatch:
         """Group the sequences; `stages` None: every full sequence is dense."""
         stages = stages or [SequenceStage(DENSE, (-1, i), 0) for i in range(len(seq_lens))]
@@ -142,6 +145,7 @@ class AttentionBatch:
             selection_scale=selection_scale,
             kv_write=kv_write,
             num_cached_rows=sum(w.rows for w in cached),
+            sparse_kernel=sparse_kernel,
         )
 
 
@@ -245,7 +249,7 @@ def staged_attention(
     `batch.patterns` under (sequence key, layer)."""
     if batch.kv_write is not None:
         write_kv(kv_cache, key, value, batch.kv_write)
-    ops = _KernelOps(scale) if use_kernels(query) else _ExactOps(scale)
+    ops = _KernelOps(scale, batch.sparse_kernel) if use_kernels(query) else _ExactOps(scale)
     for group in batch.groups:
         cached = group.kind in (CACHED_DENSE, CACHED_SPARSE)
         rows = group.rows
@@ -261,8 +265,7 @@ def staged_attention(
             if group.kind == DENSE:
                 out = ops.dense(q, k, v, group)
             elif group.kind == SPARSE:
-                patterns = [batch.patterns.get(s.key, layer) for s in group.stages]
-                out = ops.sparse(q, k, v, group, patterns)
+                out = ops.sparse(q, k, v, group, batch.patterns, layer)
             else:
                 out, patterns = ops.select(q, k, v, group, batch.selection_scale)
                 for stage, pattern in zip(group.stages, patterns, strict=True):
@@ -307,7 +310,8 @@ class _ExactOps:
             start += n
         return out, patterns
 
-    def sparse(self, q, k, v, group, patterns):
+    def sparse(self, q, k, v, group, store: PatternStore, layer: int):
+        patterns = [store.get(s.key, layer) for s in group.stages]
         return self._each(
             q,
             k,
@@ -340,8 +344,9 @@ class _ExactOps:
 class _KernelOps:
     """The Triton kernels (and the fastest dense kernel), one varlen call per group."""
 
-    def __init__(self, scale: float) -> None:
+    def __init__(self, scale: float, sparse_kernel: str = "triton") -> None:
         self.scale = scale
+        self.sparse_kernel = sparse_kernel
 
     def dense(self, q, k, v, group, return_lse=False):
         from sparsed_vllm.kernels import dense_attention
@@ -369,9 +374,20 @@ class _KernelOps:
         )
         return out, packed.unpack()
 
-    def sparse(self, q, k, v, group, patterns: list[TilePattern]):
+    def sparse(self, q, k, v, group, store: PatternStore, layer: int):
+        from sparsed_vllm.kernels.block_sparse import fa4
+
+        tile = group.stages[0].block_size
+        if self.sparse_kernel == "fa4" and fa4.fa4_runs(tile, q.shape[-1], q.device):
+            # FA4's lists of each pattern: built once, kept with the pattern's slot.
+            lists = [
+                store.derived(s.key, layer, "fa4", fa4.prepare_fa4_sequence) for s in group.stages
+            ]
+            pattern = fa4.fa4_batch_pattern(lists, group.seq_lens, tile)
+            return fa4.fa4_sparse_attention(q, k, v, group.cu_seqlens, pattern, self.scale)
         from sparsed_vllm.kernels import sparse_attention
 
+        patterns = [store.get(s.key, layer) for s in group.stages]
         return sparse_attention(q, k, v, group.cu_seqlens, _pack(patterns, group), self.scale)
 
     def cached_dense(self, q, k_cache, v_cache, group):

@@ -91,7 +91,9 @@ class DiffusionLMConfig(VerifyAndUpdateConfig):
         # Bad --additional-config, or a tile the engine's kernels cannot run, fails here at
         # start-up with the setting's name.
         limits = engine_limits(vllm_config)
-        RunnerConfig.from_additional_config(vllm_config.additional_config)
+        runner = RunnerConfig.from_additional_config(vllm_config.additional_config)
+        if runner.sparse_kernel == "fa4" and vllm_config.device_config.device_type != "cuda":
+            raise ValueError("runner.sparse_kernel 'fa4' needs a CUDA GPU (Hopper or Blackwell)")
         reason = fallback_reason(
             vllm_config.device_config.device_type, model_config.dtype, model_config.get_head_size()
         )

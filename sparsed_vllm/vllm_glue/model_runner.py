@@ -124,6 +124,9 @@ class DiffusionModelRunner:
         # Cached steps whose layout repeats run as a captured graph (single GPU, opt-in).
         runner = RunnerConfig.from_additional_config(vllm_config.additional_config)
         self.step_graphs = runner.cuda_graphs and vllm_config.parallel_config.world_size == 1
+        self.sparse_kernel = runner.sparse_kernel
+        if self.sparse_kernel == "fa4":
+            _check_fa4(self.device)
         self._graph: _StepGraph | None = None
         self._first: tuple[tuple, AttentionBatch] | None = None  # a layout seen once
         self.graph_replays = 0
@@ -364,6 +367,7 @@ class DiffusionModelRunner:
             self.selection_scale,
             cached=[self._cached_window(r) for r in cached],
             kv_write=self._kv_write(batch),
+            sparse_kernel=self.sparse_kernel,
         )
 
     def _forward(self, sequences: list[torch.Tensor]) -> torch.Tensor:
@@ -450,6 +454,16 @@ class DiffusionModelRunner:
     def sample_tokens(self, grammar_output) -> ModelRunnerOutput:
         # execute_model already sampled; the engine calls this only if it returned None.
         return EMPTY_MODEL_RUNNER_OUTPUT
+
+
+def _check_fa4(device: torch.device) -> None:
+    """`runner.sparse_kernel: "fa4"` needs FA4 to import and a Hopper or Blackwell GPU: refuse
+    at start-up, with the import error, rather than fall back silently."""
+    from sparsed_vllm.kernels.block_sparse import fa4
+
+    if device.type == "cuda" and not fa4.fa4_available():
+        error = fa4.fa4_import_error() or "needs a Hopper or Blackwell GPU"
+        raise ValueError(f"runner.sparse_kernel 'fa4' cannot run here: {error}")
 
 
 class _StepGraph:

@@ -41,3 +41,11 @@ def test_gpu_worker_leaves_torch_cuda_streams_alone():
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     # The CPU worker still loads (and does patch, which is harmless on a CPU engine).
     subprocess.run([sys.executable, "-c", "import sparsed_vllm.vllm_glue.cpu_worker"], check=True)
+
+
+def test_fa4_sparse_kernel_is_refused_without_a_gpu(llada_tiny_dir):
+    # Checked when the engine config is made (the config hook), before any worker starts.
+    with pytest.raises(ValueError, match="sparse_kernel 'fa4' needs a CUDA GPU"):
+        engine_config(llada_tiny_dir, additional_config={"runner": {"sparse_kernel": "fa4"}})
+    with pytest.raises(ValueError, match="sparse_kernel must be one of"):
+        engine_config(llada_tiny_dir, additional_config={"runner": {"sparse_kernel": "cute"}})
