@@ -217,7 +217,66 @@ def test_batches_depend_on_step_only_and_full_masking(smoke_parts):
             break
     assert not torch.equal(batches[0][0], train.Batches(cfg, shape.vocab, seed=6)[0][0])
     full = train.Batches(train.dataclasses.replace(cfg, full_mask_frac=1.0), shape.vocab, 5)[2]
-    input_ids, answer_mask, valid = full
+    input_ids, answer_mask, valid, blockwise = full
     assert torch.equal(answer_mask[:, 1:], valid[:, 1:]) and not answer_mask[:, 0].any()
+    assert not blockwise.any()  # block_frac 0
     none = train.Batches(train.dataclasses.replace(cfg, full_mask_frac=0.0), shape.vocab, 5)[2]
     assert (none[1].sum(1) == cfg.gen_len).all()
+    blocks = train.dataclasses.replace(cfg, full_mask_frac=0.0, block_frac=1.0)
+    assert train.Batches(blocks, shape.vocab, 5)[2][3].all()
+
+
+def test_blockwise_masking_is_what_a_block_decoder_sees(smoke_parts):
+    """Rows masked block by block: the answer blocks before one block are clean, that block is
+    partly masked, every later block wholly; other rows keep the uniform forward process."""
+    _, _, tok, ids = smoke_parts
+    input_ids, answer_mask, _ = _batch(tok, ids, gen_len=16)
+    blockwise = torch.tensor([True, True, True, False])
+    seen = set()
+    for seed in range(40):
+        uniform = train.mask_answers(
+            input_ids, answer_mask, ids.mask, 1e-3, torch.Generator().manual_seed(seed)
+        )[1]
+        masked = train.mask_answers(
+            input_ids, answer_mask, ids.mask, 1e-3, torch.Generator().manual_seed(seed),
+            blockwise, block_length=4,
+        )[1]  # fmt: skip
+        assert torch.equal(masked[3], uniform[3])
+        for row in range(3):
+            blocks = masked[row][answer_mask[row]].view(4, 4)  # 16 answer tokens, blocks of 4
+            full = blocks.all(1)
+            first = int((blocks.any(1)).int().argmax()) if blocks.any() else 4
+            assert not blocks[:first].any()  # clean before the current block
+            assert full[first + 1 :].all()  # wholly masked after it
+            seen.add(first)
+    assert {0, 1, 2, 3} <= seen  # every block is drawn as the current one (4: none masked)
+
+
+def test_balanced_end_weights_the_end_of_the_answer_as_a_token(smoke_parts):
+    shape, _, tok, ids = smoke_parts
+    torch.manual_seed(0)
+    model = train.build_model(shape, "cpu")
+    input_ids, answer_mask, valid = _batch(tok, ids)
+    losses = {
+        w: train.diffusion_loss(
+            model, input_ids, answer_mask, valid, ids.mask, 1e-3,
+            torch.Generator().manual_seed(3), w, ids.eos,
+        ).item()
+        for w in ("balanced", "balanced_end")
+    }  # fmt: skip
+    noisy, masked, _ = train.mask_answers(
+        input_ids, answer_mask, ids.mask, 1e-3, torch.Generator().manual_seed(3)
+    )
+    with torch.no_grad():
+        logp = model(noisy, attn_fn=train.padded_attention(valid)).float().log_softmax(-1)
+    total = weights = 0.0
+    for b in range(input_ids.shape[0]):
+        eos = ((input_ids[b] == ids.eos) & answer_mask[b]).nonzero().flatten().tolist()
+        for i in masked[b].nonzero().flatten().tolist():
+            padding = input_ids[b, i] == ids.eos and i != eos[0]
+            w = 1.0 / (len(eos) - 1) if padding else 1.0
+            total += -w * logp[b, i, input_ids[b, i]].item()
+            weights += w
+    expected = total / weights
+    assert abs(losses["balanced_end"] - expected) < 1e-5 * expected
+    assert abs(losses["balanced"] - expected) > 1e-4 * expected  # the first EOS counts less there

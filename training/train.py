@@ -6,7 +6,9 @@
 Objective: every answer token (the answer, then EOS up to `gen_len`) is masked with probability
 t ~ U(eps, 1), drawn per sequence; the prompt stays clean except in a `full_mask_frac` share of
 sequences (LLaDA's pretraining objective). The loss is set by `weighting` (see `diffusion_loss`:
-LLaDA's SFT weighting, or `balanced`, which the `h100` preset uses). Sequences in a batch share
+LLaDA's SFT weighting, or `balanced`, which the `h100` preset uses; `balanced_end`). A
+`block_frac` share of sequences can instead be masked block by block, as a semi-autoregressive
+decoder sees its canvas (`mask_answers`). Sequences in a batch share
 one sampled context length (a curriculum grows it to `--max-len`) and are right-padded; padding
 is masked out of attention as keys.
 
@@ -61,6 +63,11 @@ class TrainConfig:
     # answer, a key in the context and in the question) teach retrieval from many more tokens.
     full_mask_frac: float = 0.0
     weighting: str = "elbo"  # see diffusion_loss
+    # Share of sequences masked the way semi-autoregressive decoding sees a canvas in blocks of
+    # `block_length`: earlier blocks clean, one block masked with probability t, later blocks
+    # wholly masked (`mask_answers`). 0 keeps the uniform forward process everywhere.
+    block_frac: float = 0.0
+    block_length: int = 32
     curriculum_frac: float = 0.6
     eval_every: int = 500
     eval_examples: int = 24
@@ -141,6 +148,32 @@ PRESETS: dict[str, tuple[Shape, TrainConfig]] = {
             long_tasks=("passkey", "copy") + tasks.BLOCK_TASKS,
         ),
     ),
+    # `long` with the objective aimed at answers decoded in blocks of 32 (its copy answers often
+    # miss their end in the first block): a quarter of the sequences masked block by block, and
+    # the end-of-answer EOS weighted as a token. Not yet run on a GPU.
+    "long-blocks": (
+        Shape(
+            layers=6, hidden=256, heads=4, kv_heads=4, intermediate=768, vocab=1024, max_len=32768
+        ),
+        TrainConfig(
+            steps=4000,
+            batch_tokens=65536,
+            lr=6e-4,
+            min_len=2048,
+            max_len=32768,
+            gen_len=64,
+            warmup=50,
+            short_frac=0.05,
+            curriculum_frac=0.5,
+            weighting="balanced_end",
+            full_mask_frac=0.25,
+            block_frac=0.25,
+            block_length=32,
+            eval_every=0,
+            eval_examples=36,
+            long_tasks=("passkey", "copy") + tasks.BLOCK_TASKS,
+        ),
+    ),
 }
 
 
@@ -193,13 +226,26 @@ def mask_answers(
     mask_id: int,
     eps: float,
     generator: torch.Generator | None = None,
+    blockwise: torch.Tensor | None = None,
+    block_length: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward process on answer tokens only. [B, L] -> noisy [B, L], masked [B, L], t [B]."""
+    """Forward process on answer tokens only. [B, L] -> noisy [B, L], masked [B, L], t [B].
+
+    Rows flagged in `blockwise` [B] are masked as semi-autoregressive decoding sees them: the
+    answer span in blocks of `block_length`, one block drawn uniformly, blocks before it clean,
+    it masked with probability t, blocks after it wholly masked."""
     b, n = input_ids.shape
     u = torch.rand(b, generator=generator, device=input_ids.device)
     t = (1 - eps) * u + eps  # [B]
     draw = torch.rand(b, n, generator=generator, device=input_ids.device)
     masked = (draw < t[:, None]) & answer_mask
+    if blockwise is not None and bool(blockwise.any()):
+        block = (answer_mask.cumsum(1) - 1) // block_length  # [B, L] block of each answer token
+        n_blocks = (answer_mask.sum(1) + block_length - 1) // block_length  # [B]
+        pick = torch.rand(b, generator=generator, device=input_ids.device)
+        current = (pick * n_blocks).floor().long()[:, None]  # [B, 1]
+        staged = answer_mask & ((block > current) | ((block == current) & (draw < t[:, None])))
+        masked = torch.where(blockwise[:, None], staged, masked)
     return torch.where(masked, mask_id, input_ids), masked, t
 
 
@@ -223,6 +269,8 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     weighting: str = "elbo",
     eos_id: int | None = None,
+    blockwise: torch.Tensor | None = None,
+    block_length: int = 32,
 ) -> torch.Tensor:
     """Masked-diffusion loss on the masked answer tokens.
 
@@ -230,21 +278,32 @@ def diffusion_loss(
     length, averaged over the batch. `balanced`: the mean CE over the masked tokens of the batch
     (no 1/t), where the EOS padding of a canvas counts, all together, as one token (`eos_id`
     needed). Measured on the echo task (small models, 64 examples a step): weighting every EOS
-    like an answer token, no copying after 500-800 steps; `balanced`, copying after about 150."""
-    noisy, masked, t = mask_answers(input_ids, answer_mask, mask_id, eps, generator)
+    like an answer token, no copying after 500-800 steps; `balanced`, copying after about 150.
+    `balanced_end`: the same, but a canvas's first EOS (where the answer ends, the decision a
+    block decoder must make before the later blocks exist) weighs one token, and the rest of the
+    padding one token together. `blockwise`/`block_length`: see `mask_answers`."""
+    noisy, masked, t = mask_answers(
+        input_ids, answer_mask, mask_id, eps, generator, blockwise, block_length
+    )
     hidden = model.forward_hidden(noisy, attn_fn=padded_attention(valid))  # [B, L, D]
     # Logits only where the loss is taken: the LM head over all positions dominates memory.
     logits = model.compute_logits(hidden[masked]).float()  # [M, V]
     ce = F.cross_entropy(logits, input_ids[masked], reduction="none")  # [M]
-    if weighting == "balanced":
+    if weighting in ("balanced", "balanced_end"):
         if eos_id is None:
-            raise ValueError("weighting 'balanced' needs eos_id")
+            raise ValueError(f"weighting {weighting!r} needs eos_id")
         eos = (input_ids == eos_id) & answer_mask  # [B, L]
-        per_row = 1.0 / eos.sum(1, keepdim=True).clamp(min=1)  # [B, 1]
-        weight = torch.where(eos, per_row, 1.0)[masked]  # [M]
+        end = torch.zeros_like(eos)
+        if weighting == "balanced_end":
+            end[:, 1:] = eos[:, 1:] & ~eos[:, :-1]
+        padding = eos & ~end
+        per_row = 1.0 / padding.sum(1, keepdim=True).clamp(min=1)  # [B, 1]
+        weight = torch.where(padding, per_row, 1.0)[masked]  # [M]
         return (ce * weight).sum() / weight.sum().clamp(min=1e-6)
     if weighting != "elbo":
-        raise ValueError(f"weighting must be 'elbo' or 'balanced', got {weighting!r}")
+        raise ValueError(
+            f"weighting must be 'elbo', 'balanced' or 'balanced_end', got {weighting!r}"
+        )
     row_weight = 1.0 / (t * answer_mask.sum(1))  # [B]
     weight = row_weight[:, None].expand_as(masked)[masked]  # [M]
     return (ce * weight).sum() / input_ids.shape[0]
@@ -278,8 +337,9 @@ def current_max_len(step: int, cfg: TrainConfig) -> int:
 
 def sample_batch(
     rng: random.Random, step: int, cfg: TrainConfig, tok: Tokenizer, ids: TokenIds, count
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One batch: all-short tasks with probability `short_frac`, else long tasks at one length."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch: all-short tasks with probability `short_frac`, else long tasks at one length.
+    -> input_ids, answer_mask, valid [B, L], and blockwise [B] (rows masked block by block)."""
     if rng.random() < cfg.short_frac:
         kinds, length = tasks.SHORT_TASKS, 0
         size = max(1, cfg.batch_tokens // 64)
@@ -296,7 +356,10 @@ def sample_batch(
     full = torch.tensor([rng.random() < cfg.full_mask_frac for _ in examples])
     answer_mask[full] = valid[full]
     answer_mask[:, 0] = False  # BOS is never masked
-    return input_ids, answer_mask, valid
+    blockwise = torch.zeros(len(examples), dtype=torch.bool)
+    if cfg.block_frac:  # drawn only then: the other presets keep their batches
+        blockwise = torch.tensor([rng.random() < cfg.block_frac for _ in examples]) & ~full
+    return input_ids, answer_mask, valid, blockwise
 
 
 class Batches(torch.utils.data.Dataset):
@@ -310,7 +373,7 @@ class Batches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.cfg.steps
 
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, ...]:
         if self._tok is None:  # built in the worker, not pickled into it
             self._tok = build_tokenizer("llada", self.vocab)
         rng = random.Random(self.seed * 1_000_003 + step)
@@ -320,12 +383,19 @@ class Batches(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def greedy_answer(
-    model: LLaDAModel, tok: Tokenizer, prompt: list[int], ids: TokenIds, gen_len: int
+    model: LLaDAModel,
+    tok: Tokenizer,
+    prompt: list[int],
+    ids: TokenIds,
+    gen_len: int,
+    block_length: int | None = None,
 ) -> str:
-    """Greedy LLaDA decoding of one canvas of `gen_len` (one block, one token per step)."""
+    """Greedy LLaDA decoding of one canvas of `gen_len`, one token per step, in blocks of
+    `block_length` (default: one block)."""
     x = torch.tensor([prompt], device=next(model.parameters()).device)
+    block = block_length or gen_len
     out = llada_generate(
-        model, x, steps=gen_len, gen_length=gen_len, block_length=gen_len, mask_id=ids.mask
+        model, x, steps=gen_len, gen_length=gen_len, block_length=block, mask_id=ids.mask
     )[0, len(prompt) :].tolist()
     if ids.eos in out:
         out = out[: out.index(ids.eos)]
@@ -349,7 +419,9 @@ def evaluate(
     with _autocast(device):
         for example in examples:
             prompt, _ = encode_example(tok, example, ids, cfg.gen_len)
-            prediction = greedy_answer(model, tok, prompt, ids, cfg.gen_len)
+            # Presets trained block by block are evaluated in blocks, as they will be served.
+            block = cfg.block_length if cfg.block_frac else None
+            prediction = greedy_answer(model, tok, prompt, ids, cfg.gen_len, block)
             hits.setdefault(example.kind, []).append(tasks.is_correct(prediction, example))
     model.train()
     return {kind: sum(h) / len(h) for kind, h in hits.items()}
@@ -437,9 +509,11 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_scale(cfg, step, progress)
         batch = [t.to(device, non_blocking=True) for t in cpu_batch]
+        input_ids, answer_mask, valid, blockwise = batch
         with _autocast(device):
             loss = diffusion_loss(
-                model, *batch, ids.mask, cfg.eps, generator, cfg.weighting, ids.eos
+                *(model, input_ids, answer_mask, valid, ids.mask, cfg.eps, generator),
+                *(cfg.weighting, ids.eos, blockwise, cfg.block_length),
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -448,7 +522,7 @@ def train(
         steps_run = step + 1
         bar.update()
         if step % log_every == 0 or step == cfg.steps - 1:
-            shape_str = "x".join(map(str, batch[0].shape))
+            shape_str = "x".join(map(str, input_ids.shape))
             lr = optimizer.param_groups[0]["lr"]
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", batch=shape_str)
             tqdm.write(
