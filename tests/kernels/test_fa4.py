@@ -15,24 +15,16 @@ from sparsed_vllm.kernels.block_sparse.fa4 import (
     fa4_import_error,
     fa4_varlen_block_sparse_tensors,
 )
+from test_sparse_attention import make_batch, random_pattern, to_cuda
 
 from sparsed_vllm.core.pattern import (
     TilePattern,
     default_scale,
     dense_attention_ref,
-    num_kept_tiles,
     num_tiles,
     pack_patterns,
     tile_mask_to_token_mask,
 )
-
-
-def random_pattern(n_heads, seq_len, block_size, select, gen):
-    nb = num_tiles(seq_len, block_size)
-    scores = torch.rand(n_heads, nb, nb, generator=gen)
-    kept = scores.topk(num_kept_tiles(nb, select), dim=-1).indices
-    mask = torch.zeros(n_heads, nb, nb, dtype=torch.bool).scatter_(-1, kept, True)
-    return TilePattern.from_dense_mask(mask, block_size, seq_len)
 
 
 def loop_lists(pattern: TilePattern):
@@ -241,23 +233,6 @@ def _skip_without_fa4():
         pytest.skip(f"FA4 not usable: {tail}")
 
 
-def make_batch(lens, n_heads, n_kv, seed, head_dim=128):
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v = (
-        torch.randn(sum(lens), h, head_dim, generator=gen).to("cuda", torch.bfloat16)
-        for h in (n_heads, n_kv, n_kv)
-    )
-    cu = torch.tensor([0, *lens]).cumsum(0).to(device="cuda", dtype=torch.int32)
-    return q, k, v, cu, gen
-
-
-def to_cuda(packed):
-    packed.kv_indices = packed.kv_indices.cuda()
-    packed.kv_counts = packed.kv_counts.cuda()
-    packed.q_tile_offsets = packed.q_tile_offsets.cuda()
-    return packed
-
-
 def lse_ref(q, k, cu, patterns, scale):
     """Natural-log LSE `[Hq, T]` over each row's kept keys, in fp32."""
     out, bounds = [], cu.tolist()
@@ -290,7 +265,7 @@ def test_fa4_matches_reference(lens, n_heads, n_kv, tile, select, assert_close):
     _skip_without_fa4()
     from sparsed_vllm.kernels.block_sparse.fa4 import fa4_sparse_attention
 
-    q, k, v, cu, gen = make_batch(lens, n_heads, n_kv, seed=sum(lens))
+    q, k, v, cu, gen = make_batch(lens, n_heads, n_kv, 128, torch.bfloat16, seed=sum(lens))
     patterns = [random_pattern(n_heads, n, tile, select, gen) for n in lens]
     packed = to_cuda(pack_patterns(patterns))
     scale = default_scale(128)
@@ -305,7 +280,7 @@ def test_fa4_all_tiles_kept_equals_dense(assert_close):
     from sparsed_vllm.kernels.block_sparse.fa4 import fa4_sparse_attention
 
     lens = [130, 1000]
-    q, k, v, cu, _ = make_batch(lens, 32, 32, seed=3)
+    q, k, v, cu, _ = make_batch(lens, 32, 32, 128, torch.bfloat16, seed=3)
     patterns = [TilePattern.full(32, n, 128) for n in lens]
     out, lse = fa4_sparse_attention(q, k, v, cu, to_cuda(pack_patterns(patterns)), 0.1, True)
     bounds = [(0, 130), (130, 1130)]
