@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import statistics
 import subprocess
@@ -48,13 +49,9 @@ def generate(engine, prompt: list[int], extra: dict, tag: str) -> tuple[list[int
     return tokens, times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="out")
-    parser.add_argument("--work", default="/tmp/sparsed-graphs")
-    parser.add_argument("--length", type=int, default=8192)
-    parser.add_argument("--layers", type=int, default=32)
-    args = parser.parse_args()
+def compare(args, runners: dict[str, dict], modes: dict[str, dict], name: str) -> dict:
+    """Each mode's request in one engine per runner setting (in order; the first is the
+    baseline): step times by kind and output tokens, written to `<out>/<name>.json`."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = Path(args.work) / "llada"
@@ -66,15 +63,13 @@ def main() -> None:
     prompt = torch.randint(0, 100000, (args.length - GEN,), generator=g).tolist()
     report = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
     report.update(argv=sys.argv[1:], runs={})
-    for graphs in (False, True):
-        runner = {"runner": {"cuda_graphs": graphs}}
-        engine = make_engine(model, args.length, additional_config=runner)
-        label = "graphs" if graphs else "eager"
-        for name, mode in MODES.items():
-            extra = {"steps": STEPS, "block_length": BLOCK, **mode}
-            # Untimed first: Triton compiles and cuDNN plans at this shape.
-            generate(engine, prompt, {**extra, "steps": 16, "block_length": 32}, f"warm-{name}")
-            tokens, times = generate(engine, prompt, extra, f"{label}-{name}")
+    for label, runner in runners.items():
+        engine = make_engine(model, args.length, additional_config={"runner": runner})
+        for mode, decoding in modes.items():
+            extra = {"steps": STEPS, "block_length": BLOCK, **decoding}
+            # Untimed first: kernels compile and cuDNN plans at this shape.
+            generate(engine, prompt, {**extra, "steps": 16, "block_length": 32}, f"warm-{mode}")
+            tokens, times = generate(engine, prompt, extra, f"{label}-{mode}")
             kinds = step_kinds(len(prompt), extra, mask_id)
             by_kind: dict[str, list[float]] = {}
             for kind, seconds in zip(kinds, times, strict=False):
@@ -84,20 +79,35 @@ def main() -> None:
                 "median_ms": {k: 1000 * statistics.median(v) for k, v in by_kind.items()},
                 "tokens": tokens,
             }
-            report["runs"][f"{label} {name}"] = row
-            print(f"{label} {name}: {row['total_s']:.2f} s {row['median_ms']}", flush=True)
-            (out / "gpu_vllm_graphs.json").write_text(json.dumps(report, indent=1))
+            report["runs"][f"{label} {mode}"] = row
+            print(f"{label} {mode}: {row['total_s']:.2f} s {row['median_ms']}", flush=True)
+            (out / f"{name}.json").write_text(json.dumps(report, indent=1))
         engine.engine_core.shutdown()
         del engine
         gc.collect()
         torch.cuda.empty_cache()
-    for name in MODES:
-        same = (
-            report["runs"][f"eager {name}"]["tokens"] == report["runs"][f"graphs {name}"]["tokens"]
-        )
-        report[f"{name}: graph tokens == eager tokens"] = same
-        print(f"{name}: graph tokens == eager tokens: {same}", flush=True)
-    (out / "gpu_vllm_graphs.json").write_text(json.dumps(report, indent=1))
+    base, *others = runners
+    for label, mode in itertools.product(others, modes):
+        runs = report["runs"]
+        same = runs[f"{base} {mode}"]["tokens"] == runs[f"{label} {mode}"]["tokens"]
+        report[f"{mode}: {label} tokens == {base} tokens"] = same
+        print(f"{mode}: {label} tokens == {base} tokens: {same}", flush=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="out")
+    parser.add_argument("--work", default="/tmp/sparsed-graphs")
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--layers", type=int, default=32)
+    return parser.parse_args()
+
+
+def main() -> None:
+    runners = {"eager": {"cuda_graphs": False}, "graphs": {"cuda_graphs": True}}
+    compare(parse_args(), runners, MODES, "gpu_vllm_graphs")
 
 
 if __name__ == "__main__":
