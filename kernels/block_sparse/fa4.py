@@ -194,21 +194,17 @@ def fa4_batch_pattern(sequences: list, seq_lens: list[int], block_size: int) -> 
 
 def prepare_fa4_pattern(pattern: PackedTilePattern) -> FA4Pattern:
     """Convert once (a pattern serves every step after the switch); host data only, no sync."""
-    _, block_sparse_tensors = _fa4()
     check_fa4_tile(pattern.block_size, arch_major=_arch_major(pattern.kv_indices.device))
-    bounds, tensors, t0, q0 = [], [], 0, 0
+    sequences, q0 = [], 0
     for seq_len in pattern.seq_lens:
         nq = math.ceil(seq_len / pattern.block_size)
-        lists = fa4_block_sparse_tensors(
-            pattern.kv_indices[:, q0 : q0 + nq],
-            pattern.kv_counts[:, q0 : q0 + nq],
-            pattern.block_size,
-            seq_len,
+        rows = slice(q0, q0 + nq)
+        sequence = TilePattern(
+            pattern.kv_indices[:, rows], pattern.kv_counts[:, rows], pattern.block_size, seq_len
         )
-        tensors.append(block_sparse_tensors(**lists, block_size=(pattern.block_size, FA4_N_BLOCK)))
-        bounds.append((t0, t0 + seq_len))
-        t0, q0 = t0 + seq_len, q0 + nq
-    return FA4Pattern(bounds, tensors, pattern.block_size)
+        sequences.append(prepare_fa4_sequence(sequence))
+        q0 += nq
+    return fa4_batch_pattern(sequences, pattern.seq_lens, pattern.block_size)
 
 
 def fa4_sparse_attention(
