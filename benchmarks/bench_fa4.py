@@ -7,6 +7,13 @@ Order: FA4 dense, FA4 sparse and Triton per case while `--budget-s` lasts, then 
 (always), then Flex (it recompiles per length) while the budget lasts.
 
     python benchmarks/bench_fa4.py --out fa4.json [--lens 8192,16384] [--varlen-check]
+    python benchmarks/bench_fa4.py --out fa4.json --cached-only   # cached steps only
+
+`--cached` adds the cached steps (issue 17, item 2): a window of query rows against all of a
+sequence's keys in a paged cache, the shapes of bench_cached_attention.py, our `cached_attention`
+against FA4's paged varlen forward (`page_table`, `seqused_k`, non-causal) with 1 split, FA4's
+own split heuristic (`num_splits=0`) and as many splits as ours uses, all checked against the
+fp32 reference.
 
 On a GPU machine without network, `scripts/gpu_fa4_probe.sh` stages the FA4 bundle of
 `scripts/gpu_fa4_bundle.sh`, runs the FA4 tests and then this script (docs/gpu-vllm.md).
@@ -215,6 +222,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-flex", action="store_true", help="skip the Flex pass")
     ap.add_argument("--varlen-check", action="store_true", help="probe FA4 varlen block sparsity")
     ap.add_argument("--varlen-lens", default="1000,4097,2500")
+    ap.add_argument("--cached", action="store_true", help="also the cached-step shapes")
+    ap.add_argument("--cached-only", action="store_true", help="only the cached-step shapes")
     ap.add_argument("--out", default="fa4_results.json")
     return ap.parse_args(argv)
 
@@ -239,6 +248,12 @@ def main(argv=None):
     torch.manual_seed(0)
     scale = 1.0 / math.sqrt(args.head_dim)
     budget = Budget(start, args.budget_s)
+    if args.cached or args.cached_only:
+        rec.data["cached"] = {}
+        run_cached(rec, args)
+        if args.cached_only:
+            print_cached(rec.data["cached"])
+            return 0
     patterns = {}
     for seq_len in (int(n) for n in args.lens.split(",")):
         if budget.over(rec, "stopped", f"L={seq_len}"):
@@ -255,6 +270,76 @@ def main(argv=None):
         stage(rec.data, "flex_pass", run_flex_pass, rec, patterns, args, scale, budget)
     print_tables(rec.data)
     return 0
+
+
+def cached_case(model, shape, args):
+    """One cached-step shape: ours vs FA4 paged (split counts 1, FA4's choice, ours), ms and
+    relative RMS error against the fp32 reference."""
+    import bench_cached_attention as bc
+    from sparsed_vllm.kernels import cached_attention, cached_attention_ref
+    from sparsed_vllm.kernels.cached.fused import launch_plan
+
+    n_heads, n_kv, head_dim = bc.MODELS[model]
+    _, q_rows, kv_len, n_seqs = shape
+    scale = 1.0 / math.sqrt(head_dim)
+    q, k_cache, v_cache, cu, kv_lens, table = bc.make_batch(
+        q_rows, kv_len, n_seqs, n_heads, n_kv, head_dim, 128
+    )
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    plan = launch_plan(q.shape[0], n_seqs, n_heads, n_kv, head_dim, 128, q_rows, kv_len, sms)
+    want = cached_attention_ref(q, k_cache, v_cache, cu, kv_lens, table, scale).double()
+    interface, _ = FA4._fa4()
+
+    def ours():
+        return cached_attention(
+            q, k_cache, v_cache, cu, kv_lens, table, scale, max_seqlen_q=q_rows, max_kv_len=kv_len
+        )
+
+    def fa4(splits):
+        def run():
+            return interface.flash_attn_varlen_func(
+                q, k_cache, v_cache, cu_seqlens_q=cu, seqused_k=kv_lens, page_table=table,
+                max_seqlen_q=q_rows, max_seqlen_k=kv_len, softmax_scale=scale, causal=False,
+                num_splits=splits,
+            )[0]  # fmt: skip
+
+        return run
+
+    def rel(fn):
+        return float((fn().double() - want).norm() / want.norm())
+
+    row = {"plan": plan, "ours_ms": bc.bench_ms(ours, args.rep_ms), "ours_rel_rms": rel(ours)}
+    for n in sorted({1, 0, plan["num_splits"]}):  # 0: FA4's heuristic
+        key = f"fa4_splits{n}"
+        row[f"{key}_first_call_s"] = timed_first_call(fa4(n))
+        row[f"{key}_ms"] = bc.bench_ms(fa4(n), args.rep_ms)
+        row[f"{key}_rel_rms"] = rel(fa4(n))
+    return row
+
+
+def run_cached(rec, args):
+    import bench_cached_attention as bc
+
+    for model in ("llada", "dream"):
+        for shape in bc.SHAPES:
+            key = f"{model}/{shape[0]}"
+            stage(rec.data["cached"], key, cached_case, model, shape, args)
+            print(key, json.dumps(rec.data["cached"][key], default=str)[:600], flush=True)
+            rec.save()
+            torch.cuda.empty_cache()
+
+
+def print_cached(cached):
+    print("\n| case | ours ms | FA4 ms: 1 split | FA4's splits | ours' splits | ours / best FA4 |")
+    print("|---|---|---|---|---|---|")
+    for key, row in cached.items():
+        if "error" in row:
+            print(f"| {key} | error: {row['error'][:80]} | | | | |")
+            continue
+        ms = [row.get(f"fa4_splits{n}_ms") for n in (1, 0, row["plan"]["num_splits"])]
+        best = min(m for m in ms if isinstance(m, float))
+        cells = " | ".join(_f(m) for m in ms)
+        print(f"| {key} | {_f(row['ours_ms'])} | {cells} | {row['ours_ms'] / best:.2f} |")
 
 
 class Budget:

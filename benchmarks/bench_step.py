@@ -5,7 +5,9 @@ A plain PyTorch layer (random bf16 weights, d_model 4096, 32 heads x 128, MLP 12
 - `published`: SDPA FlashAttention-2, as the published SparseD code's dense path;
 - `dense`: our `dense_attention` (fastest backend on the card);
 - `select`: dense attention with LSE + `fused_select_pattern` reusing it (the switch step);
-- `sparse`: `sparse_attention` over a pattern with `select` of the tiles.
+- `sparse`: `sparse_attention` over a pattern with `select` of the tiles; `sparse_fa4` the same
+  pattern through FlashAttention-4 where it runs (the engine's default there), with its own
+  projection (`projection_fa4`, `projection_fused_fa4`).
 Logits: the published path projects all L positions onto the 126,464-token vocabulary every step;
 ours only the current block's `block_length` positions (only those can be committed).
 Elementwise work (RMSNorm + residual add, RoPE on q/k, SiLU-and-mul) runs as plain PyTorch ops
@@ -135,6 +137,13 @@ def step_times(seq_len, select, gen_length, sparse_cfg=None, mass_cfg=None):
         "sparse": lambda q, k, v: sparse_attention(q, k, v, cu, pattern, scale, config=sparse_cfg),
         "no_attention": lambda q, k, v: q,
     }
+    from sparsed_vllm.kernels.block_sparse import fa4
+
+    if fa4.fa4_runs(128, HEAD_DIM, q.device):  # the engine's default on Hopper when it imports
+        fa4_pattern = fa4.prepare_fa4_pattern(pattern)
+        attends["sparse_fa4"] = lambda q, k, v: fa4.fa4_sparse_attention(
+            q, k, v, cu, fa4_pattern, scale
+        )
     res = {}
     for name, attend in attends.items():
         for fused in (False, True) if name != "published" else (False,):
@@ -157,10 +166,11 @@ def logits_times(x):
     }
 
 
-def project(times, steps, skip, fused=False):
+def project(times, steps, skip, fused=False, sparse="sparse"):
     """Seconds per request (LAYERS layers): published dense path vs ours dense vs ours SparseD.
 
-    `fused`: our paths with fused elementwise ops (the published path stays as published).
+    `fused`: our paths with fused elementwise ops (the published path stays as published);
+    `sparse`: the step kind of the sparse steps ("sparse" or "sparse_fa4").
     """
     switch = int(steps * skip) + 1
     n_dense, n_select = min(switch, steps), int(switch < steps)
@@ -172,7 +182,7 @@ def project(times, steps, skip, fused=False):
     sparsed = (
         n_dense * (LAYERS * times["dense" + sfx] + lb)
         + n_select * (LAYERS * times["select" + sfx] + lb)
-        + n_sparse * (LAYERS * times["sparse" + sfx] + lb)
+        + n_sparse * (LAYERS * times[sparse + sfx] + lb)
     )
     return {
         "published_dense_s": published / 1e3,
@@ -224,6 +234,12 @@ def main():
             "projection": proj,
             "projection_fused": proj_fused,
         }
+        if "sparse_fa4" in times:
+            for name, fused in (("projection_fa4", False), ("projection_fused_fa4", True)):
+                results["lens"][seq_len][name] = {
+                    steps: project(times, steps, args.skip, fused, "sparse_fa4")
+                    for steps in (128, 1024)
+                }
         tqdm.write(json.dumps({seq_len: results["lens"][seq_len]}, indent=1))
         torch.cuda.empty_cache()
     with open(args.out, "w") as f:
@@ -239,7 +255,11 @@ def main():
             f"{t['mem_select']:.2f}/{t['mem_sparse']:.2f} (pattern {t['pattern_mib_per_layer']:.1f}"
             " MiB)"
         )
-        for name in ("projection", "projection_fused"):
+        if "sparse_fa4" in t:
+            print(f"  sparse with FA4: {t['sparse_fa4']:.1f} ({t['sparse_fa4_fused']:.1f})")
+        for name in ("projection", "projection_fused", "projection_fa4", "projection_fused_fa4"):
+            if name not in row:
+                continue
             p = row[name]
             print(
                 f"  {name}: T=128 {p[128]['speedup_vs_published']:.2f}x "

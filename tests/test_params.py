@@ -112,7 +112,7 @@ def test_runner_config_is_validated():
         RunnerConfig.from_additional_config({"runner": {"cuda_graphs": 1}})
     with pytest.raises(ValueError, match="must be an object"):
         RunnerConfig.from_additional_config({"runner": True})
-    assert RunnerConfig().sparse_kernel == "triton"
+    assert RunnerConfig().sparse_kernel == "auto"
     fa4 = RunnerConfig.from_additional_config({"runner": {"sparse_kernel": "fa4"}})
     assert fa4.sparse_kernel == "fa4"
     with pytest.raises(ValueError, match="sparse_kernel must be one of"):

@@ -11,6 +11,8 @@ the engine's attention backend cannot run is reported as such. Prints markdown t
 examples, then each task): exact-match accuracy per configuration and length, in brackets the
 fraction of answers identical to dense, and the tokens committed per denoising step where the
 mode makes it vary (the engine runs in this process, so its statistics are read directly).
+`--configs` runs a subset (dense is always first: agreement is measured against it), and
+`--runner` passes runner settings to the engine, e.g. `'{"sparse_kernel": "fa4"}'`.
 """
 
 from __future__ import annotations
@@ -144,6 +146,10 @@ def main() -> None:
         "--batch-tokens", type=int, default=65536, help="tokens per engine step (all requests)"
     )
     parser.add_argument(
+        "--configs", nargs="+", default=None, help="labels of configurations() to run (and dense)"
+    )
+    parser.add_argument("--runner", type=json.loads, default=None, help="runner settings (JSON)")
+    parser.add_argument(
         "--gpu-bundle",
         action="store_true",
         help="engine options for scripts/gpu_vllm_run.sh (torch ops, not vLLM compiled ones)",
@@ -159,8 +165,10 @@ def main() -> None:
     ids = TokenIds.for_vocab(vocab)
     max_model_len = max(args.lengths) + 2 * args.gen_len + 64
     extra_engine = {}
+    if args.runner is not None:
+        extra_engine["additional_config"] = {"runner": args.runner}
     if args.gpu_bundle:
-        extra_engine = {"compilation_config": {"custom_ops": ["none"]}}
+        extra_engine["compilation_config"] = {"custom_ops": ["none"]}
         extra_engine["gpu_memory_utilization"] = 0.5
     llm = LLM(
         model=str(model),
@@ -174,6 +182,11 @@ def main() -> None:
     )
     rows: dict[str, dict[int, dict]] = {}
     configs = configurations(args.block_size)
+    if args.configs is not None:
+        unknown = set(args.configs) - {label for label, _ in configs}
+        if unknown:
+            parser.error(f"unknown configurations {sorted(unknown)}")
+        configs = [c for c in configs if c[0] == "dense" or c[0] in args.configs]
     progress = tqdm(total=len(args.lengths) * len(configs), desc="configurations", unit="config")
     for length in args.lengths:
         examples = tasks.make_examples(

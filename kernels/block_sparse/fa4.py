@@ -151,6 +151,23 @@ def fa4_available() -> bool:
     return fa4_import_error() is None
 
 
+# Compute-capability majors where FA4's block-sparse forward measured faster than our Triton
+# kernel (benchmarks/RESULTS.md, "FlashAttention-4 block-sparse": 1.31-1.41x on an H200) and
+# ran inside the engine: there it is the default (`runner.sparse_kernel: "auto"`). Blackwell
+# runs it when asked ("fa4") but has not been measured.
+FA4_DEFAULT_ARCHS = (9,)
+
+
+def default_sparse_kernel(device: torch.device) -> str:
+    """The sparse-step kernel of `runner.sparse_kernel: "auto"` on `device`: "fa4" where it
+    measured faster and imports, else "triton" (which also covers what FA4 cannot run)."""
+    if device.type != "cuda":
+        return "triton"
+    if torch.cuda.get_device_capability(device)[0] not in FA4_DEFAULT_ARCHS:
+        return "triton"
+    return "fa4" if fa4_available() else "triton"
+
+
 def _arch_major(device: torch.device) -> int:
     # CPU tensors only reach here in the tests, which stand in a PyTorch model of FA4 (as SM90).
     return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 9

@@ -99,7 +99,7 @@ def family_of(architecture: str) -> str:
 
 
 # Kernels of the sparse steps (`RunnerConfig.sparse_kernel`).
-SPARSE_KERNELS = ("triton", "fa4")
+SPARSE_KERNELS = ("auto", "triton", "fa4")
 
 
 @dataclass(frozen=True)
@@ -111,15 +111,16 @@ class RunnerConfig:
     removes the per-layer launch and Python overhead that bounds cached steps. Single GPU only
     (tensor parallelism keeps eager steps). Off by default until measured on every supported card.
 
-    `sparse_kernel`: the kernel of SparseD's sparse steps on a GPU. "triton" (ours, any CUDA GPU)
-    or "fa4" (FlashAttention-4's block-sparse forward as vLLM ships it, `vllm.vllm_flash_attn.cute`:
+    `sparse_kernel`: the kernel of SparseD's sparse steps on a GPU. "triton" (ours, any CUDA GPU),
+    "fa4" (FlashAttention-4's block-sparse forward as vLLM ships it, `vllm.vllm_flash_attn.cute`:
     Hopper and Blackwell, tiles of a multiple of its 128-row query block, head size 64 or 128;
-    other requests keep Triton). FA4 measured 1.31-1.41x faster on an H200; it stays opt-in until
-    it has run inside the engine on a GPU.
+    other requests keep Triton; refused at start-up where it cannot run), or "auto" (default):
+    FA4 on the GPUs where it measured faster than Triton (Hopper: 1.31-1.41x on an H200) and
+    imports, Triton elsewhere (`kernels.block_sparse.fa4.default_sparse_kernel`).
     """
 
     cuda_graphs: bool = False
-    sparse_kernel: str = "triton"
+    sparse_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.cuda_graphs, bool):

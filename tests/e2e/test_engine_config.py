@@ -49,3 +49,27 @@ def test_fa4_sparse_kernel_is_refused_without_a_gpu(llada_tiny_dir):
         engine_config(llada_tiny_dir, additional_config={"runner": {"sparse_kernel": "fa4"}})
     with pytest.raises(ValueError, match="sparse_kernel must be one of"):
         engine_config(llada_tiny_dir, additional_config={"runner": {"sparse_kernel": "cute"}})
+
+
+def test_sparse_kernel_auto_picks_fa4_only_where_it_measured_faster(monkeypatch):
+    """The default, "auto": FA4 on Hopper when it imports, Triton on other GPUs, when FA4 does
+    not import, and off CUDA; "fa4" where FA4 cannot import is refused with the reason."""
+    import torch
+    from sparsed_vllm.kernels.block_sparse import fa4
+
+    from sparsed_vllm.vllm_glue.model_runner import _sparse_kernel
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert _sparse_kernel("auto", cpu) == "triton" and _sparse_kernel("triton", cpu) == "triton"
+    cases = [((9, 0), True, "fa4"), ((9, 0), False, "triton"), ((10, 0), True, "triton")]
+    for capability, available, want in cases + [((8, 9), True, "triton")]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _=None, c=capability: c)
+        monkeypatch.setattr(fa4, "fa4_available", lambda a=available: a)
+        assert _sparse_kernel("auto", cuda) == want, (capability, available)
+        assert _sparse_kernel("triton", cuda) == "triton"
+        if available:
+            assert _sparse_kernel("fa4", cuda) == "fa4"
+    monkeypatch.setattr(fa4, "fa4_available", lambda: False)
+    monkeypatch.setattr(fa4, "fa4_import_error", lambda: "ImportError: no module named cutlass")
+    with pytest.raises(ValueError, match="'fa4' cannot run here: ImportError: no module named"):
+        _sparse_kernel("fa4", cuda)
