@@ -280,3 +280,40 @@ def test_balanced_end_weights_the_end_of_the_answer_as_a_token(smoke_parts):
     expected = total / weights
     assert abs(losses["balanced_end"] - expected) < 1e-5 * expected
     assert abs(losses["balanced"] - expected) > 1e-4 * expected  # the first EOS counts less there
+
+
+def test_log_lengths_and_task_weights(smoke_parts):
+    """`length_dist="log"`: prompt lengths within the curriculum, half of them below the
+    geometric mean of its bounds; `task_weights` pick the long tasks in proportion (a task of
+    weight 0 never appears) and leave the short batches alone."""
+    shape, cfg, tok, ids = smoke_parts
+    cfg = train.dataclasses.replace(
+        cfg,
+        min_len=64,
+        max_len=512,
+        gen_len=64,
+        curriculum_frac=0.0,
+        length_dist="log",
+        short_frac=0.0,
+        long_tasks=("passkey", "copy", "multi"),
+        task_weights=(0.0, 1.0, 3.0),
+    )
+    rng = train.random.Random(0)
+    totals = [train.batch_plan(rng, 10, cfg)[2] + cfg.gen_len + 1 for _ in range(2000)]
+    assert 64 <= min(totals) and max(totals) <= 512
+    below = sum(t < (64 * 512) ** 0.5 for t in totals) / len(totals)
+    assert 0.45 < below < 0.55  # uniform lengths would put 22% there
+    batches = [train.Batches(cfg, shape.vocab, seed)[3][0] for seed in range(30)]
+    prompts = [tok.decode(row.tolist()) for batch in batches for row in batch]
+    multi = sum("List the codes" in p for p in prompts)
+    copies = sum("Repeat note" in p for p in prompts)
+    assert not any("passkey" in p for p in prompts)
+    assert multi + copies == len(prompts) and 1.8 < multi / copies < 5  # weights 3 : 1
+    short = train.dataclasses.replace(cfg, short_frac=1.0)
+    kinds, weights, _, _ = train.batch_plan(train.random.Random(0), 10, short)
+    assert kinds == train.tasks.SHORT_TASKS and weights is None
+    for bad in ((1.0, 1.0), (0.0, 0.0, 0.0), (1.0, -1.0, 1.0)):
+        with pytest.raises(ValueError, match="task_weights"):
+            train.dataclasses.replace(cfg, task_weights=bad).validate(shape)
+    with pytest.raises(ValueError, match="length_dist"):
+        train.dataclasses.replace(cfg, length_dist="exp").validate(shape)

@@ -69,10 +69,16 @@ class TrainConfig:
     block_frac: float = 0.0
     block_length: int = 32
     curriculum_frac: float = 0.6
+    # Context length of a long batch: "uniform" in [min_len, curriculum max] tokens, or "log"
+    # (log-uniform: as many batches from 512 to 2k as from 8k to 32k; a short batch holds many
+    # more examples, so tasks whose difficulty is the answer, not the distance, see more of them).
+    length_dist: str = "uniform"
     eval_every: int = 500
     eval_examples: int = 24
     # Tasks of the long-context batches (the short batches use tasks.SHORT_TASKS).
     long_tasks: tuple[str, ...] = tasks.LONG_TASKS
+    # Relative frequencies of `long_tasks` in the long batches (None: equally often).
+    task_weights: tuple[float, ...] | None = None
 
     @property
     def eval_tasks(self) -> tuple[str, ...]:
@@ -88,6 +94,15 @@ class TrainConfig:
             raise ValueError(f"max_len {self.max_len} exceeds the model length {shape.max_len}")
         if self.batch_tokens < self.max_len:
             raise ValueError(f"batch_tokens {self.batch_tokens} < max_len {self.max_len}")
+        if self.length_dist not in ("uniform", "log"):
+            raise ValueError(f"length_dist must be 'uniform' or 'log', got {self.length_dist!r}")
+        weights = self.task_weights
+        if weights is not None and (
+            len(weights) != len(self.long_tasks) or min(weights) < 0 or not sum(weights)
+        ):
+            raise ValueError(
+                f"task_weights {weights} must give one weight >= 0 per task of {self.long_tasks}"
+            )
 
 
 PRESETS: dict[str, tuple[Shape, TrainConfig]] = {
@@ -150,13 +165,24 @@ PRESETS: dict[str, tuple[Shape, TrainConfig]] = {
     ),
 }
 
-# `long` with the objective aimed at answers decoded in blocks of 32 (its copy answers often miss
-# their end in the first block): a quarter of the sequences masked block by block, and the
-# end-of-answer EOS weighted as a token. Not yet run on a GPU.
+# `long`, continued from its checkpoint, aimed at answers over two blocks. `long` did not learn
+# `copy_long` or `multi`: at 2k-32k tokens a batch holds 2-32 examples, so its 2229 steps showed
+# the model a few thousand of them. Here contexts are log-uniform from 512 tokens (half the
+# batches at <= 4k, 16-128 examples each) and the block tasks are drawn 5 times in 7; a quarter
+# of the sequences are masked block by block, as they are served, and the EOS that ends an
+# answer weighs one token (its copy answers, decoded in blocks, often missed their end). Run
+# once for 7 minutes on an H200: no task changed (training/README.md).
 PRESETS["long-blocks"] = (
     PRESETS["long"][0],
     dataclasses.replace(
-        PRESETS["long"][1], weighting="balanced_end", block_frac=0.25, block_length=32
+        PRESETS["long"][1],
+        min_len=512,
+        curriculum_frac=0.0,
+        length_dist="log",
+        task_weights=(1.0, 1.0, 3.0, 2.0),
+        weighting="balanced_end",
+        block_frac=0.25,
+        block_length=32,
     ),
 )
 
@@ -319,21 +345,35 @@ def current_max_len(step: int, cfg: TrainConfig) -> int:
     return int(cfg.min_len + frac * (cfg.max_len - cfg.min_len))
 
 
+def batch_plan(
+    rng: random.Random, step: int, cfg: TrainConfig
+) -> tuple[tuple[str, ...], tuple[float, ...] | None, int, int]:
+    """What batch `step` holds: all-short tasks with probability `short_frac`, else long tasks
+    at one prompt length (`length_dist`). -> (tasks, their weights or None, prompt length in
+    tokens, number of examples)."""
+    if rng.random() < cfg.short_frac:
+        return tasks.SHORT_TASKS, None, 0, max(1, cfg.batch_tokens // 64)
+    longest = current_max_len(step, cfg)
+    if cfg.length_dist == "log":
+        total = round(math.exp(rng.uniform(math.log(cfg.min_len), math.log(longest))))
+    else:
+        total = rng.randint(cfg.min_len, longest)
+    length = total - cfg.gen_len - 1
+    size = max(1, cfg.batch_tokens // (length + cfg.gen_len + 8))
+    return cfg.long_tasks, cfg.task_weights, length, size
+
+
 def sample_batch(
     rng: random.Random, step: int, cfg: TrainConfig, tok: Tokenizer, ids: TokenIds, count
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One batch: all-short tasks with probability `short_frac`, else long tasks at one length.
+    """Batch `step` of `batch_plan`.
     -> input_ids, answer_mask, valid [B, L], and blockwise [B] (rows masked block by block)."""
-    if rng.random() < cfg.short_frac:
-        kinds, length = tasks.SHORT_TASKS, 0
-        size = max(1, cfg.batch_tokens // 64)
-    else:
-        kinds = cfg.long_tasks
-        length = rng.randint(cfg.min_len, current_max_len(step, cfg)) - cfg.gen_len - 1
-        size = max(1, cfg.batch_tokens // (length + cfg.gen_len + 8))
-    examples = [
-        tasks.make_example(rng.choice(kinds), rng, max(8, length), count) for _ in range(size)
-    ]
+    kinds, weights, length, size = batch_plan(rng, step, cfg)
+
+    def kind() -> str:  # unweighted: rng.choice, so the presets without weights keep their data
+        return rng.choices(kinds, weights)[0] if weights else rng.choice(kinds)
+
+    examples = [tasks.make_example(kind(), rng, max(8, length), count) for _ in range(size)]
     input_ids, answer_mask, valid = collate(
         [encode_example(tok, e, ids, cfg.gen_len) for e in examples], ids.eos
     )
