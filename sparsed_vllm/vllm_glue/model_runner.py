@@ -467,8 +467,8 @@ def _sparse_kernel(setting: str, device: torch.device) -> str:
         return setting
     chosen = fa4.default_sparse_kernel(device)
     if device.type == "cuda":
-        error = (fa4.fa4_import_error() or "not measured on this GPU").strip().splitlines()[-1]
-        why = "" if chosen == "fa4" else f" (FA4: {error})"
+        error = fa4.fa4_import_error() or "not measured faster on this GPU"
+        why = "" if chosen == "fa4" else f" (FA4: {error.strip().splitlines()[-1]})"
         logger.info("SparseD sparse steps use the %s kernel%s", chosen, why)
     return chosen
 
