@@ -98,6 +98,41 @@ def make_batch(q_rows, kv_len, n_seqs, n_heads, n_kv, head_dim, page, seed=0):
     return q, cache[0], cache[1], cu, kv_lens, table
 
 
+def compare_paged(model, shape, rep_ms, name, other, first_call=None):
+    """One shape of SHAPES: ours (with the engine's host hints) against another paged kernel
+    `other(q, k_cache, v_cache, cu, kv_lens, table, max_seqlen_q, max_kv_len, scale, splits)` at
+    split counts 0 (its own heuristic), 1 and ours'. -> {"plan", "ours_ms", "ours_rel_rms",
+    "<name>_splits<n>_ms" / "_rel_rms" (vs the fp32 reference), and "_first_call_s" timed by
+    `first_call(fn)` when given (a JIT compile)}."""
+    n_heads, n_kv, head_dim = MODELS[model]
+    _, q_rows, kv_len, n_seqs = shape
+    scale = 1.0 / math.sqrt(head_dim)
+    batch = make_batch(q_rows, kv_len, n_seqs, n_heads, n_kv, head_dim, 128)
+    q = batch[0]
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    plan = launch_plan(q.shape[0], n_seqs, n_heads, n_kv, head_dim, 128, q_rows, kv_len, sms)
+    want = cached_attention_ref(*batch, scale).double()
+
+    def ours():
+        return cached_attention(*batch, scale, max_seqlen_q=q_rows, max_kv_len=kv_len)
+
+    def rel(fn):
+        return float((fn().double() - want).norm() / want.norm())
+
+    row = {"plan": plan, "ours_ms": bench_ms(ours, rep_ms), "ours_rel_rms": rel(ours)}
+    for n in sorted({0, 1, plan["num_splits"]}):
+
+        def run(n=n):
+            return other(*batch, q_rows, kv_len, scale, n)
+
+        key = f"{name}_splits{n}"
+        if first_call is not None:
+            row[f"{key}_first_call_s"] = first_call(run)
+        row[f"{key}_ms"] = bench_ms(run, rep_ms)
+        row[f"{key}_rel_rms"] = rel(run)
+    return row
+
+
 def gather(cache, table, kv_len):
     """`[B, kv_len, Hkv, D]` contiguous K or V of equal-length sequences (one index_select)."""
     n_seqs, pages = table.shape

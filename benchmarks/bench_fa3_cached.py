@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import lzma
-import math
 import os
 import sys
 import tempfile
@@ -55,41 +54,6 @@ def fa3_paged(q, k_cache, v_cache, cu_q, kv_lens, table, max_q, max_k, scale, sp
     return out
 
 
-def case(model, shape, rep_ms):
-    import bench_cached_attention as bc
-    from sparsed_vllm.kernels import cached_attention, cached_attention_ref
-    from sparsed_vllm.kernels.cached.fused import launch_plan
-
-    n_heads, n_kv, head_dim = bc.MODELS[model]
-    _, q_rows, kv_len, n_seqs = shape
-    scale = 1.0 / math.sqrt(head_dim)
-    q, k_cache, v_cache, cu, kv_lens, table = bc.make_batch(
-        q_rows, kv_len, n_seqs, n_heads, n_kv, head_dim, 128
-    )
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    plan = launch_plan(q.shape[0], n_seqs, n_heads, n_kv, head_dim, 128, q_rows, kv_len, sms)
-    want = cached_attention_ref(q, k_cache, v_cache, cu, kv_lens, table, scale).double()
-
-    def ours():
-        return cached_attention(
-            q, k_cache, v_cache, cu, kv_lens, table, scale, max_seqlen_q=q_rows, max_kv_len=kv_len
-        )
-
-    def rel(fn):
-        return float((fn().double() - want).norm() / want.norm())
-
-    row = {"num_splits_ours": plan["num_splits"], "ours_ms": bc.bench_ms(ours, rep_ms)}
-    row["ours_rel_rms"] = rel(ours)
-    for n in sorted({0, 1, plan["num_splits"]}):
-
-        def fa3(n=n):
-            return fa3_paged(q, k_cache, v_cache, cu, kv_lens, table, q_rows, kv_len, scale, n)
-
-        row[f"fa3_splits{n}_rel_rms"] = rel(fa3)
-        row[f"fa3_splits{n}_ms"] = bc.bench_ms(fa3, rep_ms)
-    return row
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lib", required=True, help="_vllm_fa3_C.abi3.so, or .so.xz")
@@ -111,7 +75,9 @@ def main(argv=None):
             for shape in bc.SHAPES:
                 key = f"{model}/{shape[0]}"
                 try:
-                    rec["cases"][key] = case(model, shape, args.rep_ms)
+                    rec["cases"][key] = bc.compare_paged(
+                        model, shape, args.rep_ms, "fa3", fa3_paged
+                    )
                 except Exception as exc:  # noqa: BLE001
                     rec["cases"][key] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
                 print(key, json.dumps(rec["cases"][key]), flush=True)
@@ -124,7 +90,7 @@ def main(argv=None):
         if "error" in row:
             print(f"| {key} | {row['error'][:80]} | | |")
             continue
-        ms = [row[f"fa3_splits{n}_ms"] for n in (0, 1, row["num_splits_ours"])]
+        ms = [row[f"fa3_splits{n}_ms"] for n in (0, 1, row["plan"]["num_splits"])]
         print(
             f"| {key} | {row['ours_ms']:.3f} | {' / '.join(f'{m:.3f}' for m in ms)} "
             f"| {min(ms) / row['ours_ms']:.2f}x |"

@@ -272,49 +272,22 @@ def main(argv=None):
     return 0
 
 
-def cached_case(model, shape, args):
-    """One cached-step shape: ours vs FA4 paged (split counts 1, FA4's choice, ours), ms and
-    relative RMS error against the fp32 reference."""
-    import bench_cached_attention as bc
-    from sparsed_vllm.kernels import cached_attention, cached_attention_ref
-    from sparsed_vllm.kernels.cached.fused import launch_plan
-
-    n_heads, n_kv, head_dim = bc.MODELS[model]
-    _, q_rows, kv_len, n_seqs = shape
-    scale = 1.0 / math.sqrt(head_dim)
-    q, k_cache, v_cache, cu, kv_lens, table = bc.make_batch(
-        q_rows, kv_len, n_seqs, n_heads, n_kv, head_dim, 128
-    )
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    plan = launch_plan(q.shape[0], n_seqs, n_heads, n_kv, head_dim, 128, q_rows, kv_len, sms)
-    want = cached_attention_ref(q, k_cache, v_cache, cu, kv_lens, table, scale).double()
+def fa4_paged(q, k_cache, v_cache, cu, kv_lens, table, max_q, max_k, scale, splits):
+    """FA4's varlen forward over a paged cache, non-causal (`num_splits=0`: its heuristic)."""
     interface, _ = FA4._fa4()
+    return interface.flash_attn_varlen_func(
+        q, k_cache, v_cache, cu_seqlens_q=cu, seqused_k=kv_lens, page_table=table,
+        max_seqlen_q=max_q, max_seqlen_k=max_k, softmax_scale=scale, causal=False,
+        num_splits=splits,
+    )[0]  # fmt: skip
 
-    def ours():
-        return cached_attention(
-            q, k_cache, v_cache, cu, kv_lens, table, scale, max_seqlen_q=q_rows, max_kv_len=kv_len
-        )
 
-    def fa4(splits):
-        def run():
-            return interface.flash_attn_varlen_func(
-                q, k_cache, v_cache, cu_seqlens_q=cu, seqused_k=kv_lens, page_table=table,
-                max_seqlen_q=q_rows, max_seqlen_k=kv_len, softmax_scale=scale, causal=False,
-                num_splits=splits,
-            )[0]  # fmt: skip
+def cached_case(model, shape, args):
+    """One cached-step shape: ours vs FA4 paged (split counts 1, FA4's choice, ours), ms, the
+    first call's compile time and relative RMS error against the fp32 reference."""
+    import bench_cached_attention as bc
 
-        return run
-
-    def rel(fn):
-        return float((fn().double() - want).norm() / want.norm())
-
-    row = {"plan": plan, "ours_ms": bc.bench_ms(ours, args.rep_ms), "ours_rel_rms": rel(ours)}
-    for n in sorted({1, 0, plan["num_splits"]}):  # 0: FA4's heuristic
-        key = f"fa4_splits{n}"
-        row[f"{key}_first_call_s"] = timed_first_call(fa4(n))
-        row[f"{key}_ms"] = bc.bench_ms(fa4(n), args.rep_ms)
-        row[f"{key}_rel_rms"] = rel(fa4(n))
-    return row
+    return bc.compare_paged(model, shape, args.rep_ms, "fa4", fa4_paged, timed_first_call)
 
 
 def run_cached(rec, args):
