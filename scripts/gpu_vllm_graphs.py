@@ -96,12 +96,14 @@ def compare(args, runners: dict[str, dict], modes: dict[str, dict], name: str) -
     return report
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(eager_option: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="out")
     parser.add_argument("--work", default="/tmp/sparsed-graphs")
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--layers", type=int, default=32)
+    if eager_option:
+        parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
     return parser.parse_args()
 
 

@@ -1,6 +1,7 @@
 """The long-context race: exact dense, exact SparseD, dual cache, dual cache + SparseD (issue 15).
 
-    bash scripts/gpu_vllm_run.sh scripts/gpu_vllm_race.py --out out [--lengths 16384,32768,65536]
+    bash scripts/gpu_vllm_run.sh scripts/gpu_vllm_race.py --out out [--lengths 16384,32768,65536] \
+        [--runner '{"cuda_graphs": true}']
 
 One request at a time through an in-process vLLM engine with the plugin, LLaDA-8B shape (32
 layers, bf16, vLLM's random weights), prompt of L - 256 tokens, 256 new tokens, blocks of 32,
@@ -185,6 +186,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated MODES names")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each dual mode, in turn")
+    parser.add_argument(
+        "--runner", type=json.loads, default={}, help='runner settings, e.g. {"cuda_graphs": true}'
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,9 +203,10 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "argv": sys.argv[1:],
         "shape": {"layers": args.layers, "gen": GEN, "block": BLOCK, "steps": STEPS},
+        "runner": args.runner,
         "races": [],
     }
-    engine = make_engine(model, max(lengths))
+    engine = make_engine(model, max(lengths), additional_config={"runner": args.runner})
     warm_up(engine, mask_id)
     for i, length in enumerate(lengths):
         modes = args.modes.split(",")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run a Python script with vLLM 0.32.0 and this plugin on a CUDA machine without vLLM or network.
 #   bash scripts/gpu_vllm_run.sh scripts/gpu_vllm_e2e.py --out out
+#   FA3_SO=.gpu_fa3/_vllm_fa3_C.abi3.so.xz bash scripts/gpu_vllm_run.sh ...   # with vLLM's FA3
 # Needs .gpu_vllm/ship from scripts/gpu_vllm_bundle.sh in the checkout, and a python3 with torch
 # (CUDA) and triton; made for torch 2.11 / Python 3.12 / sm_90. Nothing is installed system-wide:
 # wheels and vLLM go to $SITE (default /tmp/vllm-site), the checkout is used in place.
@@ -25,7 +26,8 @@ if [ "$(cat "$SITE/.bundle" 2>/dev/null)" != "$stamp" ]; then
   # imports fa_utils, which imports vllm.vllm_flash_attn, whose __init__ raises ImportError when
   # neither FlashAttention build is installed (480 MB, left out of the bundle). Its
   # flash_attn_interface.py already handles their absence (FA2_AVAILABLE = False); only the raise
-  # goes. Nothing here calls FlashAttention: the plugin's attention backend uses its own kernels.
+  # goes. Without FA3_SO (below) nothing here calls FA2 or FA3: the plugin's attention backend
+  # then runs its own kernels (and FA4, which is Python and needs neither build).
   # Remove when the bundle carries an FA build or vLLM makes that import optional.
   "$PYTHON" - "$SITE/vllm/vllm_flash_attn/__init__.py" <<'PY'
 import sys
@@ -44,6 +46,19 @@ PY
   printf '[vllm.general_plugins]\nsparsed_vllm = sparsed_vllm.plugin:register\n' \
     >"$info/entry_points.txt"
   echo "$stamp" >"$SITE/.bundle"
+fi
+# vLLM's FlashAttention-3 build (optional, `FA3_SO`: the .so or the .so.xz of
+# scripts/gpu_fa3_bundle.sh) goes where a CUDA install of vLLM has it, so `vllm.vllm_flash_attn`
+# finds it (FA3_AVAILABLE) and the dense cached steps can run on it (`runner.cached_kernel`).
+if [ -n "${FA3_SO:-}" ]; then
+  fa3="$SITE/vllm/vllm_flash_attn/_vllm_fa3_C.abi3.so"
+  if [ ! -f "$fa3" ]; then
+    case "$FA3_SO" in
+      *.xz) xz -dc "$FA3_SO" >"$fa3.tmp" ;;
+      *) cp "$FA3_SO" "$fa3.tmp" ;;
+    esac
+    mv "$fa3.tmp" "$fa3"
+  fi
 fi
 cat >"$SITE/sitecustomize.py" <<PY
 import sparsed_vllm

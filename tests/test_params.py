@@ -117,3 +117,10 @@ def test_runner_config_is_validated():
     assert fa4.sparse_kernel == "fa4"
     with pytest.raises(ValueError, match="sparse_kernel must be one of"):
         RunnerConfig.from_additional_config({"runner": {"sparse_kernel": "flash"}})
+    assert RunnerConfig().cached_kernel == "auto"
+    fa3 = RunnerConfig.from_additional_config({"runner": {"cached_kernel": "fa3"}})
+    assert (fa3.cached_kernel, fa3.sparse_kernel) == ("fa3", "auto")
+    with pytest.raises(ValueError, match="cached_kernel must be one of"):
+        RunnerConfig.from_additional_config({"runner": {"cached_kernel": "fa4"}})
+    with pytest.raises(ValueError, match="supported: cuda_graphs, sparse_kernel, cached_kernel"):
+        RunnerConfig.from_additional_config({"runner": {"dense_kernel": "fa3"}})

@@ -17,10 +17,9 @@ import triton.language as tl
 
 # The same online-softmax update as the block-sparse kernel (one [BLOCK_N, D] key block).
 from ..block_sparse.fused import _attend_block
-from ..utils import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, num_sms, on_kernel_device
+from ..utils import check_paged_inputs, num_sms
 
 LOG2E = math.log2(math.e)
-PAGE_SIZES = (16, 32, 64, 128, 256)
 # K + V elements of one key block (`BLOCK_N * D`): 32 KiB in 16-bit per pipeline stage.
 BLOCK_KV_ELEMS = 8192
 MAX_SPLITS = 64
@@ -308,7 +307,7 @@ def cached_attention(
     block table's width in keys). `config` overrides `BLOCK_M`, `BLOCK_N`, `PACK_GQA`,
     `num_splits`, `num_warps`, `num_stages`.
     """
-    _check_inputs(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_table, out)
+    check_paged_inputs(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_table, out)
     out = torch.empty_like(q) if out is None else out
     n_tokens, n_heads, head_dim = q.shape
     n_seqs, page_size, n_kv = kv_lens.shape[0], k_cache.shape[1], k_cache.shape[2]
@@ -381,51 +380,3 @@ def combine_splits(o_part, lse_part, out, cu_seqlens_q, n_seqs, splits, part_str
         BLOCK_S=triton.next_power_of_2(splits),
         num_warps=4,
     )
-
-
-def _check_inputs(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_table, out) -> None:
-    """Validate shapes, dtypes, strides and devices (no device data is read)."""
-    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError(
-            "expected q [Tq, Hq, D], k/v_cache [num_pages, PAGE, Hkv, D]; got "
-            f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
-        )
-    page_size, n_kv, head_dim = k_cache.shape[1:]
-    if q.shape[2] != head_dim:
-        raise ValueError(f"q head_dim {q.shape[2]} != cache head_dim {head_dim}")
-    if q.shape[1] % n_kv:
-        raise ValueError(f"query heads {q.shape[1]} not a multiple of kv heads {n_kv}")
-    if q.dtype not in SUPPORTED_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(
-            f"dtypes must be one of fp16/bf16 and equal, got {q.dtype}, {k_cache.dtype}, "
-            f"{v_cache.dtype}"
-        )
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head_dim {head_dim} not supported (only {SUPPORTED_HEAD_DIMS})")
-    if page_size not in PAGE_SIZES:
-        raise ValueError(f"page size {page_size} not supported (only {PAGE_SIZES})")
-    if any(t.stride(-1) != 1 for t in (q, k_cache, v_cache)):
-        raise ValueError("the head_dim axis of q, k_cache and v_cache must be contiguous")
-    n_seqs = cu_seqlens_q.shape[0] - 1
-    for name, t, ndim in (("cu_seqlens_q", cu_seqlens_q, 1), ("kv_lens", kv_lens, 1)):
-        if t.dtype != torch.int32 or t.dim() != ndim or t.stride(-1) != 1:
-            raise ValueError(f"{name} must be a contiguous int32 vector, got {t.dtype} {t.shape}")
-    if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.stride(1) != 1:
-        raise ValueError(
-            f"block_table must be int32 [B, max_pages], rows contiguous; got {block_table.dtype} "
-            f"{tuple(block_table.shape)} strides {block_table.stride()}"
-        )
-    if kv_lens.shape[0] != n_seqs or block_table.shape[0] != n_seqs:
-        raise ValueError(
-            f"cu_seqlens_q [{n_seqs + 1}], kv_lens {tuple(kv_lens.shape)} and block_table "
-            f"{tuple(block_table.shape)} describe different batch sizes"
-        )
-    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1):
-        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype}, head_dim contiguous")
-    tensors = (k_cache, v_cache, cu_seqlens_q, kv_lens, block_table) + (
-        () if out is None else (out,)
-    )
-    if not on_kernel_device(q) or any(t.device != q.device for t in tensors):
-        raise ValueError(
-            "q, the caches, cu_seqlens_q, kv_lens and block_table must be on one CUDA device"
-        )

@@ -22,8 +22,8 @@ import triton.language as tl
 
 from sparsed_vllm.core.pattern import TilePattern
 
-from ..utils import num_sms
-from .fused import LOG2E, _check_inputs, combine_splits, num_splits, split_buffers
+from ..utils import check_paged_inputs, num_sms
+from .fused import LOG2E, combine_splits, num_splits, split_buffers
 from .windows import WindowLists, WindowPlan, pack_lists, plan_windows, window_lists
 
 # K + V elements of one key block, as in the dense cached kernel.
@@ -208,7 +208,7 @@ def cached_sparse_attention(
     block_m // pack, device)`) and `lists` (`windows.window_lists` of each pattern, packed), built
     once. `config` overrides `BLOCK_M`, `BLOCK_N`, `num_splits`, `num_warps`, `num_stages`.
     """
-    _check_inputs(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_table, out)
+    check_paged_inputs(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_table, out)
     n_seqs = kv_lens.shape[0]
     if not len(patterns) == len(q_starts) == len(q_lens) == n_seqs:
         raise ValueError(

@@ -98,8 +98,11 @@ def family_of(architecture: str) -> str:
     raise ValueError(f"architecture {architecture!r} is neither LLaDA nor Dream")
 
 
-# Kernels of the sparse steps (`RunnerConfig.sparse_kernel`).
+# Kernels of the sparse steps (`RunnerConfig.sparse_kernel`) and of the dense cached steps
+# (`RunnerConfig.cached_kernel`).
 SPARSE_KERNELS = ("auto", "triton", "fa4")
+CACHED_KERNELS = ("auto", "triton", "fa3")
+RUNNER_SETTINGS = ("cuda_graphs", "sparse_kernel", "cached_kernel")
 
 
 @dataclass(frozen=True)
@@ -117,10 +120,18 @@ class RunnerConfig:
     other requests keep Triton; refused at start-up where it cannot run), or "auto" (default):
     FA4 on the GPUs where it measured faster than Triton (Hopper: 1.31-1.41x on an H200) and
     imports, Triton elsewhere (`kernels.block_sparse.fa4.default_sparse_kernel`).
+
+    `cached_kernel`: the kernel of the dense cached steps (a block's query rows against all keys
+    in the paged cache) on a GPU. "triton" (ours, any CUDA GPU), "fa3" (vLLM's FlashAttention-3
+    build, `vllm.vllm_flash_attn`: Hopper only; refused at start-up where it cannot run), or
+    "auto" (default): FA3 where it imports on Hopper, where it measured faster (1.75-3.3x at
+    16k-64k keys on an H200), Triton elsewhere (`kernels.cached.fa3.default_cached_kernel`). The
+    cached sparse steps always run ours (FA3 has no block sparsity).
     """
 
     cuda_graphs: bool = False
     sparse_kernel: str = "auto"
+    cached_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.cuda_graphs, bool):
@@ -129,16 +140,20 @@ class RunnerConfig:
             raise ValueError(
                 f"runner.sparse_kernel must be one of {SPARSE_KERNELS}, got {self.sparse_kernel!r}"
             )
+        if self.cached_kernel not in CACHED_KERNELS:
+            raise ValueError(
+                f"runner.cached_kernel must be one of {CACHED_KERNELS}, got {self.cached_kernel!r}"
+            )
 
     @classmethod
     def from_additional_config(cls, additional_config: dict[str, Any] | None) -> RunnerConfig:
         section = (additional_config or {}).get("runner", {})
         if not isinstance(section, dict):
             raise ValueError(f"additional_config 'runner' must be an object, got {section!r}")
-        unknown = sorted(set(section) - {"cuda_graphs", "sparse_kernel"})
+        unknown = sorted(set(section) - set(RUNNER_SETTINGS))
         if unknown:
             raise ValueError(
-                f"unknown runner setting(s) {unknown}; supported: cuda_graphs, sparse_kernel"
+                f"unknown runner setting(s) {unknown}; supported: {', '.join(RUNNER_SETTINGS)}"
             )
         return cls(**section)
 

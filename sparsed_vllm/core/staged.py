@@ -103,8 +103,10 @@ class AttentionBatch:
     selection_scale: float | None = None
     kv_write: KVWrite | None = None
     num_cached_rows: int = 0
-    # Kernel of the sparse groups on a GPU (`RunnerConfig.sparse_kernel`).
+    # Kernels of the sparse and the dense cached groups on a GPU (`RunnerConfig.sparse_kernel`,
+    # `RunnerConfig.cached_kernel`).
     sparse_kernel: str = "triton"
+    cached_kernel: str = "triton"
 
     @property
     def num_full_tokens(self) -> int:
@@ -121,6 +123,7 @@ class AttentionBatch:
         cached: list[CachedWindow] | None = None,
         kv_write: KVWrite | None = None,
         sparse_kernel: str = "triton",
+        cached_kernel: str = "triton",
     ) -> AttentionBatch:
         """Group the sequences; `stages` None: every full sequence is dense."""
         stages = stages or [SequenceStage(DENSE, (-1, i), 0) for i in range(len(seq_lens))]
@@ -146,6 +149,7 @@ class AttentionBatch:
             kv_write=kv_write,
             num_cached_rows=sum(w.rows for w in cached),
             sparse_kernel=sparse_kernel,
+            cached_kernel=cached_kernel,
         )
 
 
@@ -249,7 +253,10 @@ def staged_attention(
     `batch.patterns` under (sequence key, layer)."""
     if batch.kv_write is not None:
         write_kv(kv_cache, key, value, batch.kv_write)
-    ops = _KernelOps(scale, batch.sparse_kernel) if use_kernels(query) else _ExactOps(scale)
+    if use_kernels(query):
+        ops = _KernelOps(scale, batch.sparse_kernel, batch.cached_kernel)
+    else:
+        ops = _ExactOps(scale)
     for group in batch.groups:
         cached = group.kind in (CACHED_DENSE, CACHED_SPARSE)
         rows = group.rows
@@ -344,9 +351,12 @@ class _ExactOps:
 class _KernelOps:
     """The Triton kernels (and the fastest dense kernel), one varlen call per group."""
 
-    def __init__(self, scale: float, sparse_kernel: str = "triton") -> None:
+    def __init__(
+        self, scale: float, sparse_kernel: str = "triton", cached_kernel: str = "triton"
+    ) -> None:
         self.scale = scale
         self.sparse_kernel = sparse_kernel
+        self.cached_kernel = cached_kernel
 
     def dense(self, q, k, v, group, return_lse=False):
         from sparsed_vllm.kernels import dense_attention
@@ -391,13 +401,16 @@ class _KernelOps:
         return sparse_attention(q, k, v, group.cu_seqlens, _pack(patterns, group), self.scale)
 
     def cached_dense(self, q, k_cache, v_cache, group):
+        from sparsed_vllm.kernels.cached import fa3
+
+        args = (q, k_cache, v_cache, group.cu_seqlens, group.kv_lens, group.block_table)
+        if self.cached_kernel == "fa3" and fa3.fa3_runs(q):
+            return fa3.fa3_cached_attention(
+                *args, self.scale, max_seqlen_q=group.max_seqlen, max_kv_len=group.max_kv_len
+            )
         from sparsed_vllm.kernels import cached_attention
 
-        return cached_attention(
-            *(q, k_cache, v_cache, group.cu_seqlens, group.kv_lens, group.block_table),
-            self.scale,
-            max_kv_len=group.max_kv_len,
-        )
+        return cached_attention(*args, self.scale, max_kv_len=group.max_kv_len)
 
     def cached_sparse(self, q, k_cache, v_cache, group, store, layer):
         from sparsed_vllm.kernels import cached_sparse_attention

@@ -92,8 +92,13 @@ class DiffusionLMConfig(VerifyAndUpdateConfig):
         # start-up with the setting's name.
         limits = engine_limits(vllm_config)
         runner = RunnerConfig.from_additional_config(vllm_config.additional_config)
-        if runner.sparse_kernel == "fa4" and vllm_config.device_config.device_type != "cuda":
-            raise ValueError("runner.sparse_kernel 'fa4' needs a CUDA GPU (Hopper or Blackwell)")
+        if vllm_config.device_config.device_type != "cuda":
+            if runner.sparse_kernel == "fa4":
+                raise ValueError(
+                    "runner.sparse_kernel 'fa4' needs a CUDA GPU (Hopper or Blackwell)"
+                )
+            if runner.cached_kernel == "fa3":
+                raise ValueError("runner.cached_kernel 'fa3' needs a CUDA GPU (Hopper)")
         reason = fallback_reason(
             vllm_config.device_config.device_type, model_config.dtype, model_config.get_head_size()
         )

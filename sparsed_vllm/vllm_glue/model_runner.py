@@ -27,7 +27,9 @@ vLLM internals used (0.32): SchedulerOutput/NewRequestData fields, `set_forward_
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from vllm.config import VllmConfig
@@ -124,7 +126,8 @@ class DiffusionModelRunner:
         # Cached steps whose layout repeats run as a captured graph (single GPU, opt-in).
         runner = RunnerConfig.from_additional_config(vllm_config.additional_config)
         self.step_graphs = runner.cuda_graphs and vllm_config.parallel_config.world_size == 1
-        self.sparse_kernel = _sparse_kernel(runner.sparse_kernel, self.device)
+        self.sparse_kernel = _choose_kernel("sparse_kernel", runner.sparse_kernel, self.device)
+        self.cached_kernel = _choose_kernel("cached_kernel", runner.cached_kernel, self.device)
         self._graph: _StepGraph | None = None
         self._first: tuple[tuple, AttentionBatch] | None = None  # a layout seen once
         self.graph_replays = 0
@@ -366,6 +369,7 @@ class DiffusionModelRunner:
             cached=[self._cached_window(r) for r in cached],
             kv_write=self._kv_write(batch),
             sparse_kernel=self.sparse_kernel,
+            cached_kernel=self.cached_kernel,
         )
 
     def _forward(self, sequences: list[torch.Tensor]) -> torch.Tensor:
@@ -454,22 +458,49 @@ class DiffusionModelRunner:
         return EMPTY_MODEL_RUNNER_OUTPUT
 
 
-def _sparse_kernel(setting: str, device: torch.device) -> str:
-    """The kernel of the sparse steps for `runner.sparse_kernel`. "fa4" needs FA4 to import and
-    a Hopper or Blackwell GPU: refused at start-up, with the import error, rather than falling
-    back silently. "auto" picks FA4 where it measured faster, and says why not elsewhere."""
-    from sparsed_vllm.kernels.block_sparse import fa4
+class _VendorKernel(NamedTuple):
+    """A kernel from our dependencies that `runner.<option>` may choose over ours."""
 
-    if setting == "fa4" and device.type == "cuda" and not fa4.fa4_available():
-        error = fa4.fa4_import_error() or "needs a Hopper or Blackwell GPU"
-        raise ValueError(f"runner.sparse_kernel 'fa4' cannot run here: {error}")
+    name: str
+    steps: str  # the steps it runs, for the start-up log
+    needs: str
+    available: Callable[[], bool]
+    import_error: Callable[[], str | None]
+    default: Callable[[torch.device], str]  # the choice of "auto"
+
+
+def _vendor_kernel(option: str) -> _VendorKernel:
+    from sparsed_vllm.kernels.block_sparse import fa4
+    from sparsed_vllm.kernels.cached import fa3
+
+    if option == "sparse_kernel":
+        return _VendorKernel(
+            *("fa4", "SparseD sparse steps", "a Hopper or Blackwell GPU"),
+            *(fa4.fa4_available, fa4.fa4_import_error, fa4.default_sparse_kernel),
+        )
+    return _VendorKernel(
+        *("fa3", "dense cached steps", "a Hopper GPU"),
+        *(fa3.fa3_available, fa3.fa3_import_error, fa3.default_cached_kernel),
+    )
+
+
+def _choose_kernel(option: str, setting: str, device: torch.device) -> str:
+    """The kernel for `runner.<option>` ("sparse_kernel": FA4 or Triton; "cached_kernel": FA3 or
+    Triton). The vendor kernel, when named, must import and have its GPU: refused at start-up,
+    with the import error, rather than falling back silently. "auto" picks it where it measured
+    faster, and says why not elsewhere."""
+    vendor = _vendor_kernel(option)
+    if setting == vendor.name and device.type == "cuda" and not vendor.available():
+        error = vendor.import_error() or f"needs {vendor.needs}"
+        raise ValueError(f"runner.{option} '{vendor.name}' cannot run here: {error}")
     if setting != "auto":
         return setting
-    chosen = fa4.default_sparse_kernel(device)
+    chosen = vendor.default(device)
     if device.type == "cuda":
-        error = fa4.fa4_import_error() or "not measured faster on this GPU"
-        why = "" if chosen == "fa4" else f" (FA4: {error.strip().splitlines()[-1]})"
-        logger.info("SparseD sparse steps use the %s kernel%s", chosen, why)
+        error = vendor.import_error() or "not measured faster on this GPU"
+        last = error.strip().splitlines()[-1]
+        why = "" if chosen == vendor.name else f" ({vendor.name.upper()}: {last})"
+        logger.info("%s use the %s kernel%s", vendor.steps, chosen, why)
     return chosen
 
 

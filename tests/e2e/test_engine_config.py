@@ -43,33 +43,48 @@ def test_gpu_worker_leaves_torch_cuda_streams_alone():
     subprocess.run([sys.executable, "-c", "import sparsed_vllm.vllm_glue.cpu_worker"], check=True)
 
 
-def test_fa4_sparse_kernel_is_refused_without_a_gpu(llada_tiny_dir):
+def test_vendor_kernels_are_refused_without_a_gpu(llada_tiny_dir):
     # Checked when the engine config is made (the config hook), before any worker starts.
     with pytest.raises(ValueError, match="sparse_kernel 'fa4' needs a CUDA GPU"):
         engine_config(llada_tiny_dir, additional_config={"runner": {"sparse_kernel": "fa4"}})
     with pytest.raises(ValueError, match="sparse_kernel must be one of"):
         engine_config(llada_tiny_dir, additional_config={"runner": {"sparse_kernel": "cute"}})
+    with pytest.raises(ValueError, match="cached_kernel 'fa3' needs a CUDA GPU"):
+        engine_config(llada_tiny_dir, additional_config={"runner": {"cached_kernel": "fa3"}})
 
 
-def test_sparse_kernel_auto_picks_fa4_only_where_it_measured_faster(monkeypatch):
-    """The default, "auto": FA4 on Hopper when it imports, Triton on other GPUs, when FA4 does
-    not import, and off CUDA; "fa4" where FA4 cannot import is refused with the reason."""
+@pytest.mark.parametrize(
+    "option,name,module",
+    [
+        ("sparse_kernel", "fa4", "sparsed_vllm.kernels.block_sparse.fa4"),
+        ("cached_kernel", "fa3", "sparsed_vllm.kernels.cached.fa3"),
+    ],
+)
+def test_auto_picks_the_vendor_kernel_only_where_it_measured_faster(
+    monkeypatch, option, name, module
+):
+    """The default, "auto": FA4 (sparse steps) or FA3 (dense cached steps) on Hopper when it
+    imports; Triton on other GPUs, when it does not import, and off CUDA. Naming a vendor kernel
+    that cannot import is refused with the reason."""
+    import importlib
+
     import torch
-    from sparsed_vllm.kernels.block_sparse import fa4
 
-    from sparsed_vllm.vllm_glue.model_runner import _sparse_kernel
+    from sparsed_vllm.vllm_glue.model_runner import _choose_kernel
 
+    vendor = importlib.import_module(module)
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert _sparse_kernel("auto", cpu) == "triton" and _sparse_kernel("triton", cpu) == "triton"
-    cases = [((9, 0), True, "fa4"), ((9, 0), False, "triton"), ((10, 0), True, "triton")]
+    assert _choose_kernel(option, "auto", cpu) == "triton"
+    assert _choose_kernel(option, "triton", cpu) == "triton"
+    cases = [((9, 0), True, name), ((9, 0), False, "triton"), ((10, 0), True, "triton")]
     for capability, available, want in cases + [((8, 9), True, "triton")]:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _=None, c=capability: c)
-        monkeypatch.setattr(fa4, "fa4_available", lambda a=available: a)
-        assert _sparse_kernel("auto", cuda) == want, (capability, available)
-        assert _sparse_kernel("triton", cuda) == "triton"
+        monkeypatch.setattr(vendor, f"{name}_available", lambda a=available: a)
+        assert _choose_kernel(option, "auto", cuda) == want, (capability, available)
+        assert _choose_kernel(option, "triton", cuda) == "triton"
         if available:
-            assert _sparse_kernel("fa4", cuda) == "fa4"
-    monkeypatch.setattr(fa4, "fa4_available", lambda: False)
-    monkeypatch.setattr(fa4, "fa4_import_error", lambda: "ImportError: no module named cutlass")
-    with pytest.raises(ValueError, match="'fa4' cannot run here: ImportError: no module named"):
-        _sparse_kernel("fa4", cuda)
+            assert _choose_kernel(option, name, cuda) == name
+    monkeypatch.setattr(vendor, f"{name}_available", lambda: False)
+    monkeypatch.setattr(vendor, f"{name}_import_error", lambda: "ImportError: no module named x")
+    with pytest.raises(ValueError, match=f"'{name}' cannot run here: ImportError: no module named"):
+        _choose_kernel(option, name, cuda)

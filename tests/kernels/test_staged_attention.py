@@ -74,9 +74,15 @@ def _pattern(length, tile, gen):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cached_kernel", ["triton", "fa3"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_kernel_path_equals_exact_path(dtype, assert_close):
+def test_kernel_path_equals_exact_path(dtype, cached_kernel, assert_close):
+    from sparsed_vllm.kernels.cached import fa3
+
+    if cached_kernel == "fa3" and not fa3.fa3_available():
+        pytest.skip("vLLM's FA3 build is not usable here")
     batch, (q, k, v, cache) = build("cuda", dtype)
+    batch.cached_kernel = cached_kernel
     out = staged_attention(LAYER, q, k, v, cache, batch, D**-0.5, torch.empty_like(q))
     exact, (qe, ke, ve, ce) = build("cpu", torch.float32)
     want = staged_attention(LAYER, qe, ke, ve, ce, exact, D**-0.5, torch.empty_like(qe))
