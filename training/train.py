@@ -186,6 +186,14 @@ PRESETS["long-blocks"] = (
     ),
 )
 
+# `long-blocks` with `copy_long` redefined as a passage of distinct words (`tasks.copy_long`) and
+# drawn 4 times in 7. Run once for 5.5 minutes on an H200: `copy_long` still 0%, the model copies
+# the first five words of each passage, then repeats one (training/README.md).
+PRESETS["long-distinct"] = (
+    PRESETS["long"][0],
+    dataclasses.replace(PRESETS["long-blocks"][1], task_weights=(1.0, 1.0, 4.0, 1.0)),
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenIds:
