@@ -3,11 +3,12 @@ cached and parallel modes side by side, through vLLM.
 
     python examples/demo.py [--length 2048] [--n 3]
 
-`checkpoints/llada-retrieval` is a small LLaDA-format model this project trained to find a
-passkey hidden at a random depth in about 2k tokens of distractor text (its README has the
-training record). Every question is asked in each mode; the table shows how many answers are
-right, the wall time of the batch and the tokens committed per denoising step (from the engine's
-`sparsed:tokens_committed_per_step` statistics).
+`checkpoints/llada-long` is a small LLaDA-format model this project trained to find a passkey
+hidden at a random depth in 512 to 32k tokens of distractor text (its README has the training
+record); the demo asks for an 8-token answer, which it gives in one block. Every question is
+asked in each mode; the table shows how many answers are right, the wall time of the batch and the
+tokens committed per denoising step (from the engine's `sparsed:tokens_committed_per_step`
+statistics).
 """
 
 import argparse
@@ -43,7 +44,7 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
-    model = REPO / "checkpoints" / "llada-retrieval"
+    model = REPO / "checkpoints" / "llada-long"
     llm = LLM(model=str(model), max_model_len=args.length + 256, enforce_eager=True, seed=0)
     stats = llm.llm_engine.engine_core.engine_core.scheduler.stats
     tokenizer = llm.get_tokenizer()

@@ -11,9 +11,9 @@ Parts (each writes its section of `gpu_vllm_cached.json` in --out):
 - long: one request of 16k and one of 32k tokens, 256 new tokens, blocks of 32, T=256: dual
   measured whole; exact dense measured over `--exact-steps` steps of the same shape (every exact
   step costs the same: the whole sequence) and projected to T=256.
-- threshold: the shipped trained checkpoint (checkpoints/llada-retrieval), passkey prompts:
-  denoising steps each request takes and its answer, exact vs threshold 0.9 with and without
-  the dual cache (random weights never pass a threshold).
+
+Threshold decoding needs a trained model (random weights never pass a threshold): its tokens per
+step and answers on the shipped checkpoint come from training/eval_sparsed.py.
 """
 
 from __future__ import annotations
@@ -182,70 +182,15 @@ def part_long(work: Path, lengths: list[int], exact_steps: int, layers: int) -> 
     return rows
 
 
-def part_threshold(n: int, length: int) -> dict:
-    """Steps per request (in-process engine, one request at a time) and answers."""
-    sys.path.insert(0, str(REPO / "training"))
-    import tasks
-    from tokenizers import Tokenizer
-    from train import TokenIds, encode_example, token_counter
-    from vllm import EngineArgs, LLMEngine, SamplingParams
-
-    model = REPO / "checkpoints" / "llada-retrieval"
-    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
-    ids = TokenIds.for_vocab(json.loads((model / "config.json").read_text())["vocab_size"])
-    examples = tasks.make_examples(n, 7, length, ["passkey", "copy"], token_counter(tok))
-    prompts = [encode_example(tok, e, ids, 8)[0] for e in examples]
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    engine = LLMEngine.from_engine_args(
-        EngineArgs(
-            model=str(model),
-            dtype="bfloat16",
-            enforce_eager=True,
-            compilation_config={"custom_ops": ["none"]},
-            max_model_len=length + 256,
-            gpu_memory_utilization=0.3,
-            kv_cache_memory_bytes=2**30,
-        )
-    )
-    modes = {
-        "exact": {"steps": 8, "block_length": 8},
-        "threshold 0.9": {"steps": 8, "block_length": 8, "threshold": 0.9},
-        "dual + threshold 0.9": {"steps": 8, "block_length": 8, "cache": "dual", "threshold": 0.9},
-    }
-    report = {}
-    for label, extra in modes.items():
-        steps, correct = [], 0
-        for i, (prompt, example) in enumerate(zip(prompts, examples, strict=True)):
-            sp = SamplingParams(max_tokens=8, temperature=0, extra_args=extra)
-            engine.add_request(f"{label}-{i}", {"prompt_token_ids": prompt}, sp)
-            count, text = 0, ""
-            while engine.has_unfinished_requests():
-                count += 1
-                for out in engine.step():
-                    text = out.outputs[0].text
-            steps.append(count)
-            correct += tasks.is_correct(text, example)
-        report[label] = {
-            "steps_mean": sum(steps) / len(steps),
-            "tokens_per_step": 8 * len(steps) / sum(steps),
-            "accuracy": correct / len(examples),
-        }
-        print(f"{label}: {report[label]}", flush=True)
-    engine.engine_core.shutdown()
-    return report
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="out")
     parser.add_argument("--work", default="/tmp/sparsed-cached")
-    parser.add_argument("--parts", default="exact,batch,long,threshold")
+    parser.add_argument("--parts", default="exact,batch,long")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--lengths", default="16384,32768")
     parser.add_argument("--exact-steps", type=int, default=16)
     parser.add_argument("--layers", type=int, default=32, help="layers of the LLaDA-8B shape")
-    parser.add_argument("--threshold-n", type=int, default=40)
-    parser.add_argument("--threshold-length", type=int, default=2048)
     args = parser.parse_args()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -261,9 +206,6 @@ def main() -> None:
 
     if "exact" in parts:
         report["exact"] = part_exact(work)
-        save()
-    if "threshold" in parts:
-        report["threshold"] = part_threshold(args.threshold_n, args.threshold_length)
         save()
     if "batch" in parts:
         report["batch"] = part_batch(work, [int(b) for b in args.batches.split(",")], args.layers)

@@ -1,6 +1,6 @@
 """Draw the SparseD patterns a checkpoint selects for a prompt: kept tiles per layer and head.
 
-    python -m sparsed_vllm.patterns --model checkpoints/llada-retrieval \\
+    python -m sparsed_vllm.patterns --model checkpoints/llada-long \\
         --prompt-file docs/passkey_prompt.txt --out docs/patterns.png
 
 Runs the checkpoint's plain PyTorch model (`sparsed_vllm.reference`) through its published
