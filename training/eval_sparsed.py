@@ -54,7 +54,8 @@ def mode_params(gen_len: int, extra: dict, steps: int, block_length: int) -> Sam
 
 def configurations(block_size: int) -> list[tuple[str, dict]]:
     """(label, extra_args) of every mode: the published dense decoding, the SparseD skip x
-    select grid, each cache, threshold decoding, and both stacked with SparseD's defaults."""
+    select grid, each cache, threshold and factor decoding, and the cache with threshold
+    decoding and SparseD's defaults stacked."""
     dense = {"sparsed": False}
     grid = [
         (f"SparseD skip={s} select={k}", sparsed_extra(s, k, block_size))
@@ -73,6 +74,8 @@ def configurations(block_size: int) -> list[tuple[str, dict]]:
         ("dual cache", {**dense, "cache": "dual"}),
         ("threshold 0.9", {**dense, "threshold": 0.9}),
         ("threshold 0.7", {**dense, "threshold": 0.7}),
+        ("factor 1.0", {**dense, "factor": 1.0}),
+        ("dual + factor 1.0", {**dense, "cache": "dual", "factor": 1.0}),
         ("dual + threshold 0.9", {**dense, "cache": "dual", "threshold": 0.9}),
         ("dual + threshold 0.9 + SparseD defaults", stacked),
     ]
