@@ -2,6 +2,8 @@
 
 import functools
 import os
+import traceback
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -35,6 +37,30 @@ def num_sms(t: torch.Tensor) -> int:
 @functools.cache
 def _num_sms_of(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def import_traceback(load: Callable[[], object]) -> str | None:
+    """Full traceback of `load()` failing (a vendor kernel's import), or None when it works."""
+    try:
+        load()
+    except Exception:  # noqa: BLE001
+        return traceback.format_exc()
+    return None
+
+
+def cuda_arch_in(archs: Sequence[int], device: torch.device | None = None) -> bool:
+    """Whether a CUDA GPU (`device`, default the current one) of a compute-capability major in
+    `archs` is there."""
+    on_cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
+    return on_cuda and torch.cuda.get_device_capability(device)[0] in archs
+
+
+def vendor_default(
+    name: str, device: torch.device, archs: Sequence[int], available: Callable[[], bool]
+) -> str:
+    """The "auto" choice between a vendor kernel `name` and ours: `name` on a GPU of `archs`
+    (where it measured faster) when it is `available()`, else "triton"."""
+    return name if cuda_arch_in(archs, device) and available() else "triton"
 
 
 def check_varlen_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor):

@@ -34,14 +34,13 @@ Mapping from a `TilePattern` (tile = `block_size`, kept key tiles ascending):
 
 import functools
 import math
-import traceback
 from dataclasses import dataclass
 
 import torch
 
 from sparsed_vllm.core.pattern import PackedTilePattern, TilePattern
 
-from ..utils import check_varlen_qkv
+from ..utils import check_varlen_qkv, cuda_arch_in, import_traceback, vendor_default
 
 FA4_N_BLOCK = 128
 FA4_HEAD_DIMS = (64, 128)
@@ -134,21 +133,13 @@ def _fa4():
 @functools.cache
 def fa4_import_error() -> str | None:
     """Full traceback of the failed FA4 import, or None when it imports."""
-    try:
-        _fa4()
-    except Exception:  # noqa: BLE001
-        return traceback.format_exc()
-    return None
+    return import_traceback(_fa4)
 
 
 @functools.cache
 def fa4_available() -> bool:
     """FA4 imports and a Hopper or Blackwell (sm90/sm100/sm110) GPU is visible."""
-    if not torch.cuda.is_available():
-        return False
-    if torch.cuda.get_device_capability()[0] not in (9, 10, 11):
-        return False
-    return fa4_import_error() is None
+    return cuda_arch_in((9, 10, 11)) and fa4_import_error() is None
 
 
 # Compute-capability majors where FA4's block-sparse forward measured faster than our Triton
@@ -161,11 +152,7 @@ FA4_DEFAULT_ARCHS = (9,)
 def default_sparse_kernel(device: torch.device) -> str:
     """The sparse-step kernel of `runner.sparse_kernel: "auto"` on `device`: "fa4" where it
     measured faster and imports, else "triton" (which also covers what FA4 cannot run)."""
-    if device.type != "cuda":
-        return "triton"
-    if torch.cuda.get_device_capability(device)[0] not in FA4_DEFAULT_ARCHS:
-        return "triton"
-    return "fa4" if fa4_available() else "triton"
+    return vendor_default("fa4", device, FA4_DEFAULT_ARCHS, fa4_available)
 
 
 def _arch_major(device: torch.device) -> int:

@@ -14,11 +14,10 @@ own heuristic (`num_splits=0`), which measured as good as ours or better at ever
 """
 
 import functools
-import traceback
 
 import torch
 
-from ..utils import check_paged_inputs
+from ..utils import check_paged_inputs, cuda_arch_in, import_traceback, vendor_default
 
 # Compute-capability majors where FA3 measured faster than `cached_attention` and ran inside the
 # engine: there "auto" picks it. FA3 itself runs only on these (sm_90).
@@ -40,31 +39,19 @@ def _fa3():
 @functools.cache
 def fa3_import_error() -> str | None:
     """Full traceback of the failed FA3 import, or None when it imports."""
-    try:
-        _fa3()
-    except Exception:  # noqa: BLE001
-        return traceback.format_exc()
-    return None
+    return import_traceback(_fa3)
 
 
 @functools.cache
 def fa3_available() -> bool:
     """FA3 imports and a GPU of `FA3_DEFAULT_ARCHS` (Hopper) is visible."""
-    if not torch.cuda.is_available():
-        return False
-    if torch.cuda.get_device_capability()[0] not in FA3_DEFAULT_ARCHS:
-        return False
-    return fa3_import_error() is None
+    return cuda_arch_in(FA3_DEFAULT_ARCHS) and fa3_import_error() is None
 
 
 def default_cached_kernel(device: torch.device) -> str:
     """The dense cached-step kernel of `runner.cached_kernel: "auto"` on `device`: "fa3" where it
     measured faster and imports, else "triton"."""
-    if device.type != "cuda":
-        return "triton"
-    if torch.cuda.get_device_capability(device)[0] not in FA3_DEFAULT_ARCHS:
-        return "triton"
-    return "fa3" if fa3_available() else "triton"
+    return vendor_default("fa3", device, FA3_DEFAULT_ARCHS, fa3_available)
 
 
 def fa3_runs(q: torch.Tensor) -> bool:
