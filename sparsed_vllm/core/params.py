@@ -103,6 +103,12 @@ def family_of(architecture: str) -> str:
 SPARSE_KERNELS = ("auto", "triton", "fa4")
 CACHED_KERNELS = ("auto", "triton", "fa3")
 RUNNER_SETTINGS = ("cuda_graphs", "sparse_kernel", "cached_kernel")
+# The vendor kernel each kernel setting may name, and the GPUs it needs: the start-up checks of
+# the config hook (no CUDA GPU) and of the runner (not importable, wrong GPU) both read this.
+VENDOR_KERNELS = {
+    "sparse_kernel": ("fa4", "Hopper or Blackwell"),
+    "cached_kernel": ("fa3", "Hopper"),
+}
 
 
 @dataclass(frozen=True)

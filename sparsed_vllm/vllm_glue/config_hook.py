@@ -14,7 +14,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from sparsed_vllm.core.capabilities import fallback_reason
-from sparsed_vllm.core.params import RunnerConfig
+from sparsed_vllm.core.params import VENDOR_KERNELS, RunnerConfig
 from sparsed_vllm.vllm_glue.admission import engine_limits
 from sparsed_vllm.vllm_glue.metrics import install_exporter
 from sparsed_vllm.vllm_glue.serving import (
@@ -92,13 +92,9 @@ class DiffusionLMConfig(VerifyAndUpdateConfig):
         # start-up with the setting's name.
         limits = engine_limits(vllm_config)
         runner = RunnerConfig.from_additional_config(vllm_config.additional_config)
-        if vllm_config.device_config.device_type != "cuda":
-            if runner.sparse_kernel == "fa4":
-                raise ValueError(
-                    "runner.sparse_kernel 'fa4' needs a CUDA GPU (Hopper or Blackwell)"
-                )
-            if runner.cached_kernel == "fa3":
-                raise ValueError("runner.cached_kernel 'fa3' needs a CUDA GPU (Hopper)")
+        for option, (name, gpus) in VENDOR_KERNELS.items():
+            if getattr(runner, option) == name and vllm_config.device_config.device_type != "cuda":
+                raise ValueError(f"runner.{option} '{name}' needs a CUDA GPU ({gpus})")
         reason = fallback_reason(
             vllm_config.device_config.device_type, model_config.dtype, model_config.get_head_size()
         )

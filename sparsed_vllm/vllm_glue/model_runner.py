@@ -39,7 +39,13 @@ from vllm.model_executor.model_loader import get_model
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
-from sparsed_vllm.core.params import LLADA, DiffusionParams, RunnerConfig, family_of
+from sparsed_vllm.core.params import (
+    LLADA,
+    VENDOR_KERNELS,
+    DiffusionParams,
+    RunnerConfig,
+    family_of,
+)
 from sparsed_vllm.core.pattern import default_scale, llada_reference_scale
 from sparsed_vllm.core.request import DiffusionRequest, StepPlan
 from sparsed_vllm.core.sparsed import (
@@ -459,11 +465,10 @@ class DiffusionModelRunner:
 
 
 class _VendorKernel(NamedTuple):
-    """A kernel from our dependencies that `runner.<option>` may choose over ours."""
+    """A kernel from our dependencies that `runner.<option>` may choose over ours (its name and
+    the GPUs it needs: `core.params.VENDOR_KERNELS`)."""
 
-    name: str
     steps: str  # the steps it runs, for the start-up log
-    needs: str
     available: Callable[[], bool]
     import_error: Callable[[], str | None]
     default: Callable[[torch.device], str]  # the choice of "auto"
@@ -475,12 +480,11 @@ def _vendor_kernel(option: str) -> _VendorKernel:
 
     if option == "sparse_kernel":
         return _VendorKernel(
-            *("fa4", "SparseD sparse steps", "a Hopper or Blackwell GPU"),
+            "SparseD sparse steps",
             *(fa4.fa4_available, fa4.fa4_import_error, fa4.default_sparse_kernel),
         )
     return _VendorKernel(
-        *("fa3", "dense cached steps", "a Hopper GPU"),
-        *(fa3.fa3_available, fa3.fa3_import_error, fa3.default_cached_kernel),
+        "dense cached steps", fa3.fa3_available, fa3.fa3_import_error, fa3.default_cached_kernel
     )
 
 
@@ -489,17 +493,18 @@ def _choose_kernel(option: str, setting: str, device: torch.device) -> str:
     Triton). The vendor kernel, when named, must import and have its GPU: refused at start-up,
     with the import error, rather than falling back silently. "auto" picks it where it measured
     faster, and says why not elsewhere."""
+    name, gpus = VENDOR_KERNELS[option]
     vendor = _vendor_kernel(option)
-    if setting == vendor.name and device.type == "cuda" and not vendor.available():
-        error = vendor.import_error() or f"needs {vendor.needs}"
-        raise ValueError(f"runner.{option} '{vendor.name}' cannot run here: {error}")
+    if setting == name and device.type == "cuda" and not vendor.available():
+        error = vendor.import_error() or f"needs a {gpus} GPU"
+        raise ValueError(f"runner.{option} '{name}' cannot run here: {error}")
     if setting != "auto":
         return setting
     chosen = vendor.default(device)
     if device.type == "cuda":
         error = vendor.import_error() or "not measured faster on this GPU"
         last = error.strip().splitlines()[-1]
-        why = "" if chosen == vendor.name else f" ({vendor.name.upper()}: {last})"
+        why = "" if chosen == name else f" ({name.upper()}: {last})"
         logger.info("%s use the %s kernel%s", vendor.steps, chosen, why)
     return chosen
 
